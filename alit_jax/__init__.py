@@ -1,0 +1,1 @@
+"""alit-jax: Adaptive Length Image Tokenizer (ALIT) in JAX/Flax."""
