@@ -6,7 +6,7 @@ import pathlib
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = (
-      os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
   ).strip()
 
 import pytest  # noqa: E402
@@ -23,5 +23,7 @@ REFERENCE = SHARED / "reference"
 def reference_dir():
   """`../shared/reference`, or skip with a clear message when it is absent."""
   if not REFERENCE.is_dir():
-    pytest.skip(f"reference vectors not found at {REFERENCE} (set ALIT_SHARED to the shared/ folder)")
+    pytest.skip(
+      f"reference vectors not found at {REFERENCE} (set ALIT_SHARED to the shared/ folder)"
+    )
   return REFERENCE
