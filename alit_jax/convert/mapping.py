@@ -1,0 +1,267 @@
+"""PyTorch state-dict keys <-> Flax parameter trees.
+
+The Flax modules of this package mirror the PyTorch module names, so a state-dict key maps to a
+Flax path by one rule (the "conversion contract"):
+
+* the key is split on ``.``; a purely numeric segment is joined to the one before it with ``_``
+  (``encoder.transformer.0.ln_1.weight`` -> ``encoder/transformer_0/ln_1/...``,
+  ``decoder.up.3.block.0`` -> ``decoder/up_3/block_0``, ``decoder.ffn.2`` -> ``decoder/ffn_2``);
+* the leaf is chosen by looking at the target Flax module (the tree drives the conversion):
+  ``weight`` becomes ``kernel`` (Dense: transposed from (out, in); Conv: OIHW -> HWIO), ``scale``
+  (LayerNorm/GroupNorm/BatchNorm) or ``embedding`` (nn.Embed, unchanged); ``bias`` stays;
+* ``attn.in_proj_weight`` / ``attn.in_proj_bias`` (``nn.MultiheadAttention``) become
+  ``attn/in_proj/kernel`` / ``attn/in_proj/bias``;
+* BatchNorm ``running_mean`` / ``running_var`` go to the ``batch_stats`` collection as
+  ``mean`` / ``var``; ``num_batches_tracked`` is a counter with no Flax equivalent and is dropped;
+* any other leaf (raw ``nn.Parameter`` such as ``encoder_positional_embedding``) keeps its name
+  and its PyTorch shape.
+
+Conversion is strict: :func:`state_dict_to_tree` raises :class:`ConversionError` listing every
+missing, unexpected and mis-shaped key. Nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+Tree = dict[str, Any]
+
+# Leaves that PyTorch keeps as buffers with no Flax counterpart.
+DROPPED_LEAVES = ("num_batches_tracked",)
+
+
+class ConversionError(ValueError):
+  """A state dict does not match the Flax tree; the message lists every problem."""
+
+
+@dataclasses.dataclass(frozen=True)
+class LeafRule:
+  """Where one PyTorch tensor goes in the Flax tree."""
+
+  collection: str  # "params" or "batch_stats"
+  path: tuple[str, ...]  # path inside the collection
+  transform: str  # "none" | "linear" | "conv"
+
+
+def split_torch_key(key: str) -> tuple[str, ...]:
+  """Splits a state-dict key into Flax module segments (numeric segments merged)."""
+  out: list[str] = []
+  for seg in key.split("."):
+    if seg.isdigit() and out:
+      out[-1] = f"{out[-1]}_{seg}"
+    else:
+      out.append(seg)
+  return tuple(out)
+
+
+def _lookup(tree: Mapping[str, Any] | None, path: tuple[str, ...]) -> Any:
+  node: Any = tree
+  for seg in path:
+    if not isinstance(node, Mapping) or seg not in node:
+      return None
+    node = node[seg]
+  return node
+
+
+def leaf_rule(
+  key: str, params: Mapping[str, Any], batch_stats: Mapping[str, Any] | None
+) -> LeafRule:
+  """Maps one state-dict key to its Flax location, using the target tree to pick the leaf.
+
+  Args:
+    key: PyTorch state-dict key, without any prefix that was stripped by the caller.
+    params: target ``params`` tree (arrays or ``jax.ShapeDtypeStruct``), used to decide whether a
+      ``weight`` is a kernel, a norm scale or an embedding table.
+    batch_stats: target ``batch_stats`` tree or None.
+
+  Returns:
+    The rule; its path may not exist in the tree (the caller reports it as unexpected).
+  """
+  segs = split_torch_key(key)
+  *mod, leaf = segs
+  mod = tuple(mod)
+  if leaf == "in_proj_weight":
+    return LeafRule("params", mod + ("in_proj", "kernel"), "linear")
+  if leaf == "in_proj_bias":
+    return LeafRule("params", mod + ("in_proj", "bias"), "none")
+  if leaf in ("running_mean", "running_var"):
+    return LeafRule(
+      "batch_stats", mod + ({"running_mean": "mean", "running_var": "var"}[leaf],), "none"
+    )
+  if leaf == "weight":
+    node = _lookup(params, mod)
+    if isinstance(node, Mapping):
+      if "kernel" in node:
+        ndim = len(node["kernel"].shape)
+        return LeafRule("params", mod + ("kernel",), "linear" if ndim == 2 else "conv")
+      if "scale" in node:
+        return LeafRule("params", mod + ("scale",), "none")
+      if "embedding" in node:
+        return LeafRule("params", mod + ("embedding",), "none")
+    return LeafRule("params", segs, "none")
+  return LeafRule("params", segs, "none")
+
+
+def torch_to_flax_array(value: np.ndarray, transform: str) -> np.ndarray:
+  """Applies a layout transform to a PyTorch tensor (as numpy)."""
+  if transform == "linear":
+    if value.ndim != 2:
+      raise ConversionError(f"expected a 2-D Linear weight, got shape {value.shape}")
+    return np.ascontiguousarray(value.T)
+  if transform == "conv":
+    if value.ndim == 4:  # (O, I, kh, kw) -> (kh, kw, I, O)
+      return np.ascontiguousarray(value.transpose(2, 3, 1, 0))
+    if value.ndim == 3:  # Conv1d (O, I, k) -> (k, I, O)
+      return np.ascontiguousarray(value.transpose(2, 1, 0))
+    raise ConversionError(f"expected a conv weight, got shape {value.shape}")
+  return value
+
+
+def flax_to_torch_array(value: np.ndarray, transform: str) -> np.ndarray:
+  """Inverse of :func:`torch_to_flax_array`."""
+  value = np.asarray(value)
+  if transform == "linear":
+    return np.ascontiguousarray(value.T)
+  if transform == "conv":
+    if value.ndim == 4:
+      return np.ascontiguousarray(value.transpose(3, 2, 0, 1))
+    return np.ascontiguousarray(value.transpose(2, 1, 0))
+  return value
+
+
+def flatten(tree: Mapping[str, Any], prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
+  """Nested dict -> {path tuple: leaf}."""
+  out: dict[tuple[str, ...], Any] = {}
+  for k, v in tree.items():
+    if isinstance(v, Mapping):
+      out.update(flatten(v, prefix + (k,)))
+    else:
+      out[prefix + (k,)] = v
+  return out
+
+
+def unflatten(flat: Mapping[tuple[str, ...], Any]) -> Tree:
+  """{path tuple: leaf} -> nested dict."""
+  out: Tree = {}
+  for path, v in flat.items():
+    node = out
+    for seg in path[:-1]:
+      node = node.setdefault(seg, {})
+    node[path[-1]] = v
+  return out
+
+
+def state_dict_to_tree(
+  state_dict: Mapping[str, np.ndarray],
+  target: Mapping[str, Any],
+  *,
+  prefix: str = "",
+  name: str = "checkpoint",
+  dtype: Any = np.float32,
+) -> dict[str, Tree]:
+  """Converts the keys of ``state_dict`` under ``prefix`` into a Flax variables tree.
+
+  Args:
+    state_dict: flat PyTorch state dict (numpy arrays). Only keys starting with ``prefix`` are
+      considered; the caller is responsible for keys outside every prefix it converts.
+    target: Flax variables (``{"params": ..., "batch_stats": ...}``) of arrays or
+      ``jax.ShapeDtypeStruct`` (e.g. from ``jax.eval_shape``); it decides names and shapes.
+    prefix: key prefix to strip, e.g. ``"base_tokenizer.vqgan."``.
+    name: what to call the source in error messages (usually the file path).
+    dtype: floating dtype of the returned arrays (integer buffers keep their dtype).
+
+  Returns:
+    A variables dict with the same collections and structure as ``target``.
+
+  Raises:
+    ConversionError: listing every missing Flax leaf, unexpected key and shape mismatch.
+  """
+  params = target.get("params", {})
+  batch_stats = target.get("batch_stats")
+  expected = {(col,) + path: leaf for col in target for path, leaf in flatten(target[col]).items()}
+  filled: dict[tuple[str, ...], np.ndarray] = {}
+  unexpected: list[str] = []
+  misshaped: list[str] = []
+  for key, value in state_dict.items():
+    if not key.startswith(prefix):
+      continue
+    sub = key[len(prefix) :]
+    if sub.split(".")[-1] in DROPPED_LEAVES:
+      continue
+    rule = leaf_rule(sub, params, batch_stats)
+    full = (rule.collection,) + rule.path
+    if full not in expected:
+      unexpected.append(f"{key} {tuple(np.shape(value))} -> {'/'.join(full)}")
+      continue
+    want = tuple(expected[full].shape)
+    try:
+      arr = torch_to_flax_array(np.asarray(value), rule.transform)
+    except ConversionError as e:
+      misshaped.append(f"{key}: {e}")
+      continue
+    if tuple(arr.shape) != want:
+      misshaped.append(
+        f"{key}: checkpoint {tuple(np.shape(value))} -> {tuple(arr.shape)}, model expects {want} at {'/'.join(full)}"
+      )
+      continue
+    if np.issubdtype(arr.dtype, np.floating) or arr.dtype.name == "bfloat16":
+      arr = arr.astype(dtype)
+    filled[full] = arr
+  missing = sorted("/".join(p) for p in expected if p not in filled)
+  if missing or unexpected or misshaped:
+    lines = [f"{name}: state dict does not match the model (prefix {prefix!r})."]
+    if missing:
+      lines.append(f"missing ({len(missing)}): " + ", ".join(missing))
+    if unexpected:
+      lines.append(f"unexpected ({len(unexpected)}): " + ", ".join(unexpected))
+    if misshaped:
+      lines.append(f"mis-shaped ({len(misshaped)}): " + "; ".join(misshaped))
+    raise ConversionError("\n".join(lines))
+  out: dict[str, Tree] = {}
+  for full, arr in filled.items():
+    out.setdefault(full[0], {})
+    out[full[0]][full[1:]] = arr
+  return {col: unflatten(flat) for col, flat in out.items()}
+
+
+def tree_to_state_dict(variables: Mapping[str, Any], *, prefix: str = "") -> dict[str, np.ndarray]:
+  """Inverse of :func:`state_dict_to_tree` (for exporting and for round-trip tests)."""
+  out: dict[str, np.ndarray] = {}
+  for col, tree in variables.items():
+    for path, leaf in flatten(tree).items():
+      leafname = path[-1]
+      mod = [_unsplit(seg, parent) for parent, seg in zip((None,) + path[:-2], path[:-1])]
+      if col == "batch_stats":
+        key = ".".join(mod + [{"mean": "running_mean", "var": "running_var"}[leafname]])
+        transform = "none"
+      elif leafname == "kernel" and path[-2] == "in_proj":
+        key = ".".join(mod[:-1] + ["in_proj_weight"])
+        transform = "linear"
+      elif leafname == "bias" and len(path) >= 2 and path[-2] == "in_proj":
+        key = ".".join(mod[:-1] + ["in_proj_bias"])
+        transform = "none"
+      elif leafname == "kernel":
+        key = ".".join(mod + ["weight"])
+        transform = "linear" if np.ndim(leaf) == 2 else "conv"
+      elif leafname in ("scale", "embedding"):
+        key = ".".join(mod + ["weight"])
+        transform = "none"
+      else:
+        key = ".".join(mod + [leafname])
+        transform = "none"
+      out[prefix + key] = flax_to_torch_array(np.asarray(leaf), transform)
+  return out
+
+
+def _unsplit(seg: str, parent: str | None) -> str:
+  """Flax segment -> PyTorch segment(s); `mid.block_1` etc. are real PyTorch names."""
+  if parent == "mid":
+    return seg
+  head, sep, tail = seg.rpartition("_")
+  if sep and tail.isdigit() and head:
+    return f"{_unsplit(head, None)}.{tail}"
+  return seg
