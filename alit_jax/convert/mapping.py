@@ -155,27 +155,36 @@ def unflatten(flat: Mapping[tuple[str, ...], Any]) -> Tree:
   return out
 
 
-def state_dict_to_tree(
-  state_dict: Mapping[str, np.ndarray],
+def _transformed_shape(shape: tuple[int, ...], transform: str) -> tuple[int, ...] | None:
+  if transform == "linear":
+    return (shape[1], shape[0]) if len(shape) == 2 else None
+  if transform == "conv":
+    if len(shape) == 4:
+      return (shape[2], shape[3], shape[1], shape[0])
+    if len(shape) == 3:
+      return (shape[2], shape[1], shape[0])
+    return None
+  return tuple(shape)
+
+
+def plan_conversion(
+  key_shapes: Mapping[str, tuple[int, ...]],
   target: Mapping[str, Any],
   *,
   prefix: str = "",
   name: str = "checkpoint",
-  dtype: Any = np.float32,
-) -> dict[str, Tree]:
-  """Converts the keys of ``state_dict`` under ``prefix`` into a Flax variables tree.
+) -> dict[str, LeafRule]:
+  """Matches state-dict keys (by shape only, nothing is allocated) against a Flax tree.
 
   Args:
-    state_dict: flat PyTorch state dict (numpy arrays). Only keys starting with ``prefix`` are
-      considered; the caller is responsible for keys outside every prefix it converts.
-    target: Flax variables (``{"params": ..., "batch_stats": ...}``) of arrays or
-      ``jax.ShapeDtypeStruct`` (e.g. from ``jax.eval_shape``); it decides names and shapes.
-    prefix: key prefix to strip, e.g. ``"base_tokenizer.vqgan."``.
+    key_shapes: state-dict key -> PyTorch shape. Only keys starting with `prefix` are used.
+    target: Flax variables (`{"params": ..., "batch_stats": ...}`) of arrays or
+      `jax.ShapeDtypeStruct`s (e.g. from `jax.eval_shape`); it decides names and shapes.
+    prefix: key prefix to strip, e.g. `"base_tokenizer.vqgan."`.
     name: what to call the source in error messages (usually the file path).
-    dtype: floating dtype of the returned arrays (integer buffers keep their dtype).
 
   Returns:
-    A variables dict with the same collections and structure as ``target``.
+    key -> rule for every converted key (keys whose leaf is in DROPPED_LEAVES are skipped).
 
   Raises:
     ConversionError: listing every missing Flax leaf, unexpected key and shape mismatch.
@@ -183,10 +192,11 @@ def state_dict_to_tree(
   params = target.get("params", {})
   batch_stats = target.get("batch_stats")
   expected = {(col,) + path: leaf for col in target for path, leaf in flatten(target[col]).items()}
-  filled: dict[tuple[str, ...], np.ndarray] = {}
+  plan: dict[str, LeafRule] = {}
+  filled: set[tuple[str, ...]] = set()
   unexpected: list[str] = []
   misshaped: list[str] = []
-  for key, value in state_dict.items():
+  for key, shape in key_shapes.items():
     if not key.startswith(prefix):
       continue
     sub = key[len(prefix) :]
@@ -195,25 +205,20 @@ def state_dict_to_tree(
     rule = leaf_rule(sub, params, batch_stats)
     full = (rule.collection,) + rule.path
     if full not in expected:
-      unexpected.append(f"{key} {tuple(np.shape(value))} -> {'/'.join(full)}")
+      unexpected.append(f"{key} {tuple(shape)}")
       continue
     want = tuple(expected[full].shape)
-    try:
-      arr = torch_to_flax_array(np.asarray(value), rule.transform)
-    except ConversionError as e:
-      misshaped.append(f"{key}: {e}")
-      continue
-    if tuple(arr.shape) != want:
+    got = _transformed_shape(tuple(shape), rule.transform)
+    if got != want:
       misshaped.append(
-        f"{key}: checkpoint {tuple(np.shape(value))} -> {tuple(arr.shape)}, model expects {want} at {'/'.join(full)}"
+        f"{key}: checkpoint {tuple(shape)} -> {got}, model expects {want} at {'/'.join(full)}"
       )
       continue
-    if np.issubdtype(arr.dtype, np.floating) or arr.dtype.name == "bfloat16":
-      arr = arr.astype(dtype)
-    filled[full] = arr
+    plan[key] = rule
+    filled.add(full)
   missing = sorted("/".join(p) for p in expected if p not in filled)
   if missing or unexpected or misshaped:
-    lines = [f"{name}: state dict does not match the model (prefix {prefix!r})."]
+    lines = [f"{name}: state dict does not match the model (key prefix {prefix!r})."]
     if missing:
       lines.append(f"missing ({len(missing)}): " + ", ".join(missing))
     if unexpected:
@@ -221,10 +226,42 @@ def state_dict_to_tree(
     if misshaped:
       lines.append(f"mis-shaped ({len(misshaped)}): " + "; ".join(misshaped))
     raise ConversionError("\n".join(lines))
-  out: dict[str, Tree] = {}
-  for full, arr in filled.items():
-    out.setdefault(full[0], {})
-    out[full[0]][full[1:]] = arr
+  return plan
+
+
+def state_dict_to_tree(
+  state_dict: Mapping[str, np.ndarray],
+  target: Mapping[str, Any],
+  *,
+  prefix: str = "",
+  name: str = "checkpoint",
+  dtype: Any = np.float32,
+) -> dict[str, Tree]:
+  """Converts the keys of `state_dict` under `prefix` into a Flax variables tree.
+
+  Args:
+    state_dict: flat PyTorch state dict (numpy arrays). Only keys starting with `prefix` are
+      considered; the caller is responsible for keys outside every prefix it converts.
+    target: Flax variables of arrays or `jax.ShapeDtypeStruct`s; it decides names and shapes.
+    prefix: key prefix to strip.
+    name: what to call the source in error messages (usually the file path).
+    dtype: floating dtype of the returned arrays (integer buffers keep their dtype).
+
+  Returns:
+    A variables dict with the same collections and structure as `target`.
+
+  Raises:
+    ConversionError: listing every missing Flax leaf, unexpected key and shape mismatch.
+  """
+  plan = plan_conversion(
+    {k: tuple(np.shape(v)) for k, v in state_dict.items()}, target, prefix=prefix, name=name
+  )
+  out: dict[str, dict[tuple[str, ...], np.ndarray]] = {}
+  for key, rule in plan.items():
+    arr = torch_to_flax_array(np.asarray(state_dict[key]), rule.transform)
+    if np.issubdtype(arr.dtype, np.floating) or arr.dtype.name == "bfloat16":
+      arr = arr.astype(dtype)
+    out.setdefault(rule.collection, {})[rule.path] = arr
   return {col: unflatten(flat) for col, flat in out.items()}
 
 
