@@ -26,13 +26,13 @@ from alit_jax.convert import mapping
 from alit_jax.models.alit import ALIT
 from alit_jax.models.base_tokenizers import build_base
 from alit_jax.models.configs import (
-    DEFAULT_HEADS,
-    HALTING_THRESHOLD,
-    NAMED_ALIT,
-    ALITConfig,
-    ModelConfig,
-    VAEConfig,
-    VQGANConfig,
+  DEFAULT_HEADS,
+  HALTING_THRESHOLD,
+  NAMED_ALIT,
+  ALITConfig,
+  ModelConfig,
+  VAEConfig,
+  VQGANConfig,
 )
 
 Shapes = Mapping[str, tuple[int, ...]]
@@ -51,49 +51,71 @@ def _count(shapes: Shapes, pattern: str) -> int:
 
 def _need(shapes: Shapes, key: str, name: str) -> tuple[int, ...]:
   if key not in shapes:
-    raise mapping.ConversionError(f"{name}: expected key {key!r} is missing; is this an ALIT checkpoint?")
+    raise mapping.ConversionError(
+      f"{name}: expected key {key!r} is missing; is this an ALIT checkpoint?"
+    )
   return shapes[key]
 
 
-def infer_vqgan_config(shapes: Shapes, prefix: str = "", *, resolution: int = 256, name: str = "checkpoint") -> VQGANConfig:
+def infer_vqgan_config(
+  shapes: Shapes, prefix: str = "", *, resolution: int = 256, name: str = "checkpoint"
+) -> VQGANConfig:
   """VQGAN architecture from `encoder.*`, `decoder.*`, `quantize.*` key shapes under `prefix`."""
   ch = _need(shapes, prefix + "encoder.conv_in.weight", name)[0]
   levels = _count(shapes, re.escape(prefix) + r"encoder\.down\.(\d+)\.")
   blocks = _count(shapes, re.escape(prefix) + r"encoder\.down\.0\.block\.(\d+)\.")
   ch_mult = tuple(
-      _need(shapes, f"{prefix}encoder.down.{i}.block.0.conv1.weight", name)[0] // ch for i in range(levels)
+    _need(shapes, f"{prefix}encoder.down.{i}.block.0.conv1.weight", name)[0] // ch
+    for i in range(levels)
   )
   n_embed, embed_dim = _need(shapes, prefix + "quantize.embedding.weight", name)
   z = _need(shapes, prefix + "encoder.conv_out.weight", name)[0]
   return VQGANConfig(
-      ch=ch, ch_mult=ch_mult, num_res_blocks=blocks, z_channels=z, embed_dim=embed_dim,
-      n_embed=n_embed, resolution=resolution,
+    ch=ch,
+    ch_mult=ch_mult,
+    num_res_blocks=blocks,
+    z_channels=z,
+    embed_dim=embed_dim,
+    n_embed=n_embed,
+    resolution=resolution,
   )
 
 
-def infer_vae_config(shapes: Shapes, prefix: str = "", *, resolution: int = 256, name: str = "checkpoint") -> VAEConfig:
+def infer_vae_config(
+  shapes: Shapes, prefix: str = "", *, resolution: int = 256, name: str = "checkpoint"
+) -> VAEConfig:
   """KL-VAE architecture from key shapes under `prefix`."""
   ch = _need(shapes, prefix + "encoder.conv_in.weight", name)[0]
   levels = _count(shapes, re.escape(prefix) + r"encoder\.down\.(\d+)\.")
   blocks = _count(shapes, re.escape(prefix) + r"encoder\.down\.0\.block\.(\d+)\.")
   ch_mult = tuple(
-      _need(shapes, f"{prefix}encoder.down.{i}.block.0.conv1.weight", name)[0] // ch for i in range(levels)
+    _need(shapes, f"{prefix}encoder.down.{i}.block.0.conv1.weight", name)[0] // ch
+    for i in range(levels)
   )
   embed_dim = _need(shapes, prefix + "post_quant_conv.weight", name)[0]
   enc_attn = tuple(
-      resolution // 2**i for i in range(levels) if any(k.startswith(f"{prefix}encoder.down.{i}.attn.") for k in shapes)
+    resolution // 2**i
+    for i in range(levels)
+    if any(k.startswith(f"{prefix}encoder.down.{i}.attn.") for k in shapes)
   )
   dec_attn = tuple(
-      resolution // 2**i for i in range(levels) if any(k.startswith(f"{prefix}decoder.up.{i}.attn.") for k in shapes)
+    resolution // 2**i
+    for i in range(levels)
+    if any(k.startswith(f"{prefix}decoder.up.{i}.attn.") for k in shapes)
   )
   return VAEConfig(
-      ch=ch, ch_mult=ch_mult, num_res_blocks=blocks, embed_dim=embed_dim,
-      encoder_attn_resolutions=enc_attn, decoder_attn_resolutions=dec_attn, resolution=resolution,
+    ch=ch,
+    ch_mult=ch_mult,
+    num_res_blocks=blocks,
+    embed_dim=embed_dim,
+    encoder_attn_resolutions=enc_attn,
+    decoder_attn_resolutions=dec_attn,
+    resolution=resolution,
   )
 
 
 def infer_config(
-    shapes: Shapes, *, num_heads: int | None = None, name: str = "checkpoint"
+  shapes: Shapes, *, num_heads: int | None = None, name: str = "checkpoint"
 ) -> ModelConfig:
   """Infers the full tokenizer architecture from an ALIT state dict's key shapes.
 
@@ -112,15 +134,17 @@ def infer_config(
     base_kind = "vae"
   else:
     raise mapping.ConversionError(
-        f"{name}: no base_tokenizer.vqgan.* or base_tokenizer.vae.* keys; an ALIT checkpoint holds "
-        "its base tokenizer. For a standalone base tokenizer use `convert_base_checkpoint`."
+      f"{name}: no base_tokenizer.vqgan.* or base_tokenizer.vae.* keys; an ALIT checkpoint holds "
+      "its base tokenizer. For a standalone base tokenizer use `convert_base_checkpoint`."
     )
   n_pos, width = _need(shapes, "encoder_positional_embedding", name)
   dec_width = _need(shapes, "decoder_positional_embedding", name)[1]
   patch_out, _, patch, _ = _need(shapes, "patch_embed.weight", name)
   grid = int(round((n_pos - 1) ** 0.5))
   if grid * grid != n_pos - 1:
-    raise mapping.ConversionError(f"{name}: encoder_positional_embedding has {n_pos} rows, not 1 + a square")
+    raise mapping.ConversionError(
+      f"{name}: encoder_positional_embedding has {n_pos} rows, not 1 + a square"
+    )
   enc_layers = _count(shapes, r"encoder\.transformer\.(\d+)\.")
   dec_layers = _count(shapes, r"decoder\.transformer\.(\d+)\.")
   mlp_hidden = _need(shapes, "encoder.transformer.0.mlp.c_fc.weight", name)[0]
@@ -135,8 +159,8 @@ def infer_config(
   if max_lat != t * n_iters:
     # The decoder's latent positions are sliced per iteration; they must cover N*T tokens.
     raise mapping.ConversionError(
-        f"{name}: decoder.latent_token_positional_embedding has {max_lat} rows but the rollout "
-        f"produces {n_iters} x {t} = {t * n_iters} latent tokens"
+      f"{name}: decoder.latent_token_positional_embedding has {max_lat} rows but the rollout "
+      f"produces {n_iters} x {t} = {t * n_iters} latent tokens"
     )
   image_size = grid * patch
   prefix = BASE_PREFIX[base_kind]
@@ -144,13 +168,15 @@ def infer_config(
     base = infer_vqgan_config(shapes, prefix, resolution=image_size, name=name)
     embed = base.embed_dim
     if out_dim != base.n_embed:
-      raise mapping.ConversionError(f"{name}: decoder.ffn.2 outputs {out_dim}, VQGAN has {base.n_embed} codes")
+      raise mapping.ConversionError(
+        f"{name}: decoder.ffn.2 outputs {out_dim}, VQGAN has {base.n_embed} codes"
+      )
   else:
     base = infer_vae_config(shapes, prefix, resolution=image_size, name=name)
     embed = base.embed_dim
   if width - patch_out != embed:
     raise mapping.ConversionError(
-        f"{name}: patch_embed has {patch_out} channels, width {width}, but the base embed dim is {embed}"
+      f"{name}: patch_embed has {patch_out} channels, width {width}, but the base embed dim is {embed}"
     )
   heads = num_heads
   named = next((n for n, v in NAMED_ALIT.items() if v[:2] == (width, enc_layers)), None)
@@ -158,31 +184,35 @@ def infer_config(
     heads = DEFAULT_HEADS.get((width, enc_layers))
     if heads is None:
       raise mapping.ConversionError(
-          f"{name}: cannot infer the attention head count for width {width} with {enc_layers} layers "
-          f"(not a reference factory size: {sorted(NAMED_ALIT.items())}); pass num_heads / --num-heads"
+        f"{name}: cannot infer the attention head count for width {width} with {enc_layers} layers "
+        f"(not a reference factory size: {sorted(NAMED_ALIT.items())}); pass num_heads / --num-heads"
       )
   alit = ALITConfig(
-      base=base_kind,
-      base_embed_dim=embed,
-      base_codebook_size=base.n_embed if base_kind == "vqgan" else 0,
-      encoder_width=width,
-      encoder_layers=enc_layers,
-      encoder_heads=heads,
-      decoder_width=dec_width,
-      decoder_layers=dec_layers,
-      decoder_heads=heads,
-      mlp_ratio=mlp_hidden / width,
-      quantize_latent=quantize,
-      factorize_latent=factorize,
-      codebook_size=codebook_size,
-      token_dim=token_dim,
-      num_latent_tokens=t,
-      image_size=image_size,
-      patch_size=patch,
-      max_rollout_iters=n_iters,
-      halting_threshold=HALTING_THRESHOLD[base_kind],
+    base=base_kind,
+    base_embed_dim=embed,
+    base_codebook_size=base.n_embed if base_kind == "vqgan" else 0,
+    encoder_width=width,
+    encoder_layers=enc_layers,
+    encoder_heads=heads,
+    decoder_width=dec_width,
+    decoder_layers=dec_layers,
+    decoder_heads=heads,
+    mlp_ratio=mlp_hidden / width,
+    quantize_latent=quantize,
+    factorize_latent=factorize,
+    codebook_size=codebook_size,
+    token_dim=token_dim,
+    num_latent_tokens=t,
+    image_size=image_size,
+    patch_size=patch,
+    max_rollout_iters=n_iters,
+    halting_threshold=HALTING_THRESHOLD[base_kind],
   )
-  label = f"{named}_{base_kind}" if named and heads == NAMED_ALIT[named][2] else f"alit_w{width}_l{enc_layers}_h{heads}_{base_kind}"
+  label = (
+    f"{named}_{base_kind}"
+    if named and heads == NAMED_ALIT[named][2]
+    else f"alit_w{width}_l{enc_layers}_h{heads}_{base_kind}"
+  )
   return ModelConfig(alit=alit, base=base, name=label)
 
 
@@ -196,8 +226,8 @@ def abstract_variables(config: ModelConfig) -> dict[str, Any]:
   feats = jax.ShapeDtypeStruct((1, g, g, config.alit.base_embed_dim), jnp.float32)
   key = jax.random.key(0)
   return {
-      "alit": jax.eval_shape(alit.init, key, images, feats),
-      "base": jax.eval_shape(base.init, key, images),
+    "alit": jax.eval_shape(alit.init, key, images, feats),
+    "base": jax.eval_shape(base.init, key, images),
   }
 
 
@@ -224,12 +254,14 @@ def check_keys(shapes: Shapes, config: ModelConfig, *, name: str = "checkpoint")
   target = abstract_variables(config)
   alit, base, gan = split_state_dict(shapes, config.alit.base)
   p1 = mapping.plan_conversion(alit, target["alit"], name=name)
-  p2 = mapping.plan_conversion(base, target["base"], prefix=BASE_PREFIX[config.alit.base], name=name)
+  p2 = mapping.plan_conversion(
+    base, target["base"], prefix=BASE_PREFIX[config.alit.base], name=name
+  )
   return {"alit": len(p1), "base": len(p2), "gan_losses": len(gan)}
 
 
 def convert_state_dict(
-    sd: Mapping[str, np.ndarray], config: ModelConfig, *, name: str = "checkpoint"
+  sd: Mapping[str, np.ndarray], config: ModelConfig, *, name: str = "checkpoint"
 ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
   """Strictly converts an ALIT state dict.
 
@@ -257,16 +289,18 @@ def infer_base_config(shapes: Shapes, *, name: str = "checkpoint") -> VQGANConfi
   if "post_quant_conv.weight" in shapes:
     return infer_vae_config(shapes, name=name)
   raise mapping.ConversionError(
-      f"{name}: neither a VQGAN (quantize.embedding.weight) nor a KL-VAE (post_quant_conv.weight) state dict"
+    f"{name}: neither a VQGAN (quantize.embedding.weight) nor a KL-VAE (post_quant_conv.weight) state dict"
   )
 
 
 def convert_base_checkpoint(
-    sd: Mapping[str, np.ndarray], *, name: str = "checkpoint"
+  sd: Mapping[str, np.ndarray], *, name: str = "checkpoint"
 ) -> tuple[VQGANConfig | VAEConfig, dict[str, Any]]:
   """Strictly converts a standalone base tokenizer state dict; returns (config, variables)."""
   config = infer_base_config(_shapes(sd), name=name)
   base = build_base(config)
   s = config.resolution
-  target = jax.eval_shape(base.init, jax.random.key(0), jax.ShapeDtypeStruct((1, s, s, 3), jnp.float32))
+  target = jax.eval_shape(
+    base.init, jax.random.key(0), jax.ShapeDtypeStruct((1, s, s, 3), jnp.float32)
+  )
   return config, mapping.state_dict_to_tree(sd, target, name=name)

@@ -116,8 +116,8 @@ class LatentDecoder(nn.Module):
       self.decoder_embed = nn.Dense(self.width, dtype=self.dtype)
     self.ln_pre = layer_norm("ln_pre")
     self.transformer = [
-        ResidualAttentionBlock(self.width, self.heads, self.mlp_ratio, dtype=self.dtype)
-        for _ in range(self.layers)
+      ResidualAttentionBlock(self.width, self.heads, self.mlp_ratio, dtype=self.dtype)
+      for _ in range(self.layers)
     ]
     self.ln_post = layer_norm("ln_post")
     self.ffn_0 = nn.Dense(2 * self.width, dtype=self.dtype)

@@ -1,0 +1,188 @@
+"""Saving and restoring tokenizer weights (Orbax) with their architecture (JSON).
+
+A *pretrained directory* (written by `python -m alit_jax.convert`, by `Tokenizer.save_pretrained`
+and exported by training) holds:
+
+    DIR/config.json     {"model": ModelConfig, "meta": {...}}
+    DIR/params/         Orbax StandardCheckpointer item: {"alit": {"params": ...}, "base": {"params": ...}}
+    DIR/gan_losses/     optional Orbax item: stage-2 discriminators and LPIPS (converted checkpoints)
+
+Writes are atomic: everything goes to a temporary sibling directory that is renamed into place
+only when complete, so an interrupted or refused conversion never leaves a half-written DIR and
+never overwrites a good one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import shutil
+import tempfile
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+from alit_jax.models.configs import ModelConfig
+
+CONFIG_FILE = "config.json"
+PARAMS_DIR = "params"
+GAN_DIR = "gan_losses"
+
+
+def save_pretrained(
+  directory: str | os.PathLike,
+  config: ModelConfig,
+  variables: dict[str, Any],
+  *,
+  meta: dict[str, Any] | None = None,
+  gan_losses: Any = None,
+  overwrite: bool = False,
+) -> pathlib.Path:
+  """Writes a pretrained directory atomically.
+
+  Args:
+    directory: destination.
+    config: the architecture.
+    variables: `{"alit": ..., "base": ...}`.
+    meta: free-form provenance (source file, step, ...), stored in config.json.
+    gan_losses: optional stage-2 loss-network variables.
+    overwrite: replace an existing directory (only after the new one is complete).
+
+  Returns:
+    The directory path.
+  """
+  directory = pathlib.Path(directory).absolute()
+  if directory.exists() and not overwrite:
+    raise FileExistsError(f"{directory} exists; pass overwrite=True (--overwrite) to replace it")
+  directory.parent.mkdir(parents=True, exist_ok=True)
+  tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
+  try:
+    with ocp.StandardCheckpointer() as ckptr:
+      ckptr.save(tmp / PARAMS_DIR, jax.device_get(variables))
+      if gan_losses is not None:
+        ckptr.save(tmp / GAN_DIR, jax.device_get(gan_losses))
+    (tmp / CONFIG_FILE).write_text(
+      json.dumps(
+        {"model": json.loads(config.to_json()), "meta": meta or {}}, indent=2, sort_keys=True
+      )
+    )
+    if directory.exists():
+      old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
+      directory.rename(old)
+      tmp.rename(directory)
+      shutil.rmtree(old)
+    else:
+      tmp.rename(directory)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  return directory
+
+
+def read_config(directory: str | os.PathLike) -> tuple[ModelConfig, dict[str, Any]]:
+  """(ModelConfig, meta) from DIR/config.json, with a clear error if it is not a pretrained dir."""
+  directory = pathlib.Path(directory)
+  path = directory / CONFIG_FILE
+  if not path.is_file():
+    raise FileNotFoundError(
+      f"{directory}: no {CONFIG_FILE}; expected a directory written by `python -m alit_jax.convert` "
+      "or `Tokenizer.save_pretrained` (or a training workdir)"
+    )
+  try:
+    d = json.loads(path.read_text())
+    return ModelConfig.from_dict(d["model"]), d.get("meta", {})
+  except (KeyError, TypeError, ValueError) as e:
+    raise ValueError(f"{path}: not a valid alit-jax config ({e})") from e
+
+
+def load_pretrained(
+  directory: str | os.PathLike,
+) -> tuple[ModelConfig, dict[str, Any], dict[str, Any]]:
+  """Restores (config, variables, meta) from a pretrained directory, checking every shape."""
+  from alit_jax.convert.alit_checkpoint import abstract_variables
+
+  directory = pathlib.Path(directory).absolute()
+  config, meta = read_config(directory)
+  target = abstract_variables(config)
+  with ocp.StandardCheckpointer() as ckptr:
+    variables = ckptr.restore(directory / PARAMS_DIR, target)
+  return config, variables, meta
+
+
+def load_gan_losses(directory: str | os.PathLike) -> Any | None:
+  """The stage-2 loss networks saved next to converted weights, or None."""
+  path = pathlib.Path(directory).absolute() / GAN_DIR
+  if not path.exists():
+    return None
+  with ocp.StandardCheckpointer() as ckptr:
+    return ckptr.restore(path)
+
+
+def save_base(
+  directory: str | os.PathLike,
+  config: Any,
+  variables: dict[str, Any],
+  *,
+  meta: dict[str, Any] | None = None,
+  overwrite: bool = False,
+) -> pathlib.Path:
+  """Writes a standalone base tokenizer (VQGAN / KL-VAE) directory: config.json {"base": ...}."""
+  import dataclasses
+
+  directory = pathlib.Path(directory).absolute()
+  if directory.exists() and not overwrite:
+    raise FileExistsError(f"{directory} exists; pass overwrite=True (--overwrite) to replace it")
+  directory.parent.mkdir(parents=True, exist_ok=True)
+  tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
+  try:
+    with ocp.StandardCheckpointer() as ckptr:
+      ckptr.save(tmp / PARAMS_DIR, jax.device_get(variables))
+    body = {"base": {"kind": config.kind, **dataclasses.asdict(config)}, "meta": meta or {}}
+    (tmp / CONFIG_FILE).write_text(json.dumps(body, indent=2, sort_keys=True))
+    if directory.exists():
+      old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
+      directory.rename(old)
+      tmp.rename(directory)
+      shutil.rmtree(old)
+    else:
+      tmp.rename(directory)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  return directory
+
+
+def load_base(directory: str | os.PathLike) -> tuple[Any, dict[str, Any]]:
+  """Restores (base config, variables) of a standalone base tokenizer directory.
+
+  Also accepts a full tokenizer directory (its base part is returned).
+  """
+  import jax.numpy as jnp
+
+  from alit_jax.models.base_tokenizers import build_base
+  from alit_jax.models.configs import VAEConfig, VQGANConfig
+
+  directory = pathlib.Path(directory).absolute()
+  path = directory / CONFIG_FILE
+  if not path.is_file():
+    raise FileNotFoundError(
+      f"{directory}: no {CONFIG_FILE}; convert the base tokenizer with `python -m alit_jax.convert`"
+    )
+  d = json.loads(path.read_text())
+  if "model" in d:
+    config, variables, _ = load_pretrained(directory)
+    return config.base, variables["base"]
+  b = dict(d["base"])
+  kind = b.pop("kind")
+  b = {k: tuple(v) if isinstance(v, list) else v for k, v in b.items()}
+  cfg = VQGANConfig(**b) if kind == "vqgan" else VAEConfig(**b)
+  base = build_base(cfg)
+  s = cfg.resolution
+  target = jax.eval_shape(
+    base.init, jax.random.key(0), jax.ShapeDtypeStruct((1, s, s, 3), jnp.float32)
+  )
+  with ocp.StandardCheckpointer() as ckptr:
+    variables = ckptr.restore(directory / PARAMS_DIR, target)
+  return cfg, variables

@@ -1,0 +1,102 @@
+r"""Converts an official PyTorch checkpoint into an alit-jax pretrained directory.
+
+    python -m alit_jax.convert CKPT --out DIR [--num-heads N] [--overwrite]
+
+CKPT is an ALIT checkpoint (`.pth`: plain state dict, `{'model', 'ema'}` (ema used) or
+`{'state_dict'}`; also `.safetensors` / `.npz`), or a standalone base tokenizer (the VQGAN `.ckpt`
+the reference downloads, or the KL-16 VAE `.ckpt`). torch is not needed. The architecture is
+inferred from key shapes; only the head count must be given for non-reference sizes.
+
+DIR receives `config.json` and Orbax `params/` (and `gan_losses/` for full_finetuning
+checkpoints, kept for stage-2 fine-tuning). Nothing is written unless the whole conversion
+succeeds, and an existing DIR is only replaced with --overwrite.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import numpy as np
+
+
+def _count(tree) -> int:
+  import jax
+
+  return int(sum(np.size(x) for x in jax.tree.leaves(tree)))
+
+
+def convert(
+  ckpt: str, out: str, *, num_heads: int | None = None, overwrite: bool = False, log=print
+) -> dict:
+  """Library form of the command; returns a summary dict."""
+  from alit_jax import checkpoint
+  from alit_jax.convert import alit_checkpoint, pth
+
+  if os.path.exists(out) and not overwrite:
+    raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
+  sd, where = pth.load_state_dict(ckpt)
+  log(
+    f"read {ckpt}: {len(sd)} tensors from {where}, {sum(np.size(v) for v in sd.values()):,} values"
+  )
+  shapes = {k: tuple(np.shape(v)) for k, v in sd.items()}
+  is_alit = "encoder_positional_embedding" in shapes
+  summary: dict = {"source": os.path.abspath(ckpt), "state_dict": where}
+  if is_alit:
+    config = alit_checkpoint.infer_config(shapes, num_heads=num_heads, name=ckpt)
+    variables, gan = alit_checkpoint.convert_state_dict(sd, config, name=ckpt)
+    a = config.alit
+    log(
+      f"found ALIT ({config.name}): base={a.base} width={a.encoder_width} layers={a.encoder_layers}/"
+      f"{a.decoder_layers} heads={a.encoder_heads} quantize={a.quantize_latent} factorize={a.factorize_latent} "
+      f"codebook={a.codebook_size}x{a.token_dim} tokens={a.num_latent_tokens}x{a.max_rollout_iters} "
+      f"image={a.image_size}/{a.patch_size}"
+    )
+    log(f"base tokenizer: {config.base}")
+    log(f"params: alit {_count(variables['alit']):,}, base {_count(variables['base']):,}")
+    gan_tree = None
+    if gan:
+      from alit_jax.losses import gan as gan_lib
+
+      gan_tree = gan_lib.convert_gan_losses(gan)
+      log(
+        f"gan_losses: {len(gan)} keys ({sum(np.size(v) for v in gan.values()):,} values) kept for stage-2 fine-tuning"
+      )
+    summary.update(kind="alit", config=config.name, gan_losses_keys=len(gan))
+    checkpoint.save_pretrained(
+      out, config, variables, meta=summary, gan_losses=gan_tree, overwrite=overwrite
+    )
+  else:
+    base_cfg, variables = alit_checkpoint.convert_base_checkpoint(sd, name=ckpt)
+    log(f"found standalone base tokenizer: {base_cfg}")
+    log(f"params: {_count(variables):,}")
+    summary.update(kind=base_cfg.kind)
+    checkpoint.save_base(out, base_cfg, variables, meta=summary, overwrite=overwrite)
+  log(f"wrote {out}")
+  return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+  parser = argparse.ArgumentParser(
+    prog="python -m alit_jax.convert", description=__doc__.split("\n\n")[1]
+  )
+  parser.add_argument("ckpt", help="PyTorch checkpoint (.pth/.ckpt/.safetensors/.npz)")
+  parser.add_argument("--out", required=True, help="output directory")
+  parser.add_argument(
+    "--num-heads", type=int, default=None, help="attention heads (default: per named model)"
+  )
+  parser.add_argument(
+    "--overwrite", action="store_true", help="replace an existing output directory"
+  )
+  args = parser.parse_args(argv)
+  try:
+    convert(args.ckpt, args.out, num_heads=args.num_heads, overwrite=args.overwrite)
+  except (ValueError, FileNotFoundError, FileExistsError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 1
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
