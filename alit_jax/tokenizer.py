@@ -178,6 +178,13 @@ class Tokenizer:
     return tok
 
   @classmethod
+  def random(cls, config: ModelConfig, seed: int = 0, **kwargs) -> Tokenizer:
+    """A tokenizer with freshly initialised weights (reference initialisation scales)."""
+    from alit_jax.models import init as init_lib
+
+    return cls(config, init_lib.init_variables(config, jax.random.key(seed)), **kwargs)
+
+  @classmethod
   def from_pretrained(cls, path: str | os.PathLike = "demo", **kwargs) -> Tokenizer:
     """Loads a directory written by `python -m alit_jax.convert`, `save_pretrained` or training.
 

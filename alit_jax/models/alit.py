@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from alit_jax.models.configs import ALITConfig
-from alit_jax.models.layers import ResidualAttentionBlock, Transformer, l2_normalize, layer_norm
+from alit_jax.models.layers import DENSE_INIT, ResidualAttentionBlock, Transformer, l2_normalize, layer_norm
 
 Dtype = Any
 
@@ -113,15 +113,15 @@ class LatentDecoder(nn.Module):
 
   def setup(self):
     if self.factorize_latent:
-      self.decoder_embed = nn.Dense(self.width, dtype=self.dtype)
+      self.decoder_embed = nn.Dense(self.width, dtype=self.dtype, kernel_init=DENSE_INIT)
     self.ln_pre = layer_norm("ln_pre")
     self.transformer = [
       ResidualAttentionBlock(self.width, self.heads, self.mlp_ratio, dtype=self.dtype)
       for _ in range(self.layers)
     ]
     self.ln_post = layer_norm("ln_post")
-    self.ffn_0 = nn.Dense(2 * self.width, dtype=self.dtype)
-    self.ffn_2 = nn.Dense(self.output_dim, dtype=self.dtype)
+    self.ffn_0 = nn.Dense(2 * self.width, dtype=self.dtype, kernel_init=DENSE_INIT)
+    self.ffn_2 = nn.Dense(self.output_dim, dtype=self.dtype, kernel_init=DENSE_INIT)
     self.latent_token_positional_embedding = self.param(
       "latent_token_positional_embedding",
       nn.initializers.normal(self.width**-0.5),
@@ -212,7 +212,7 @@ class ALIT(nn.Module):
     self.encoder_ln_pre = layer_norm("encoder_ln_pre")
     self.encoder_ln_post = layer_norm("encoder_ln_post")
     self.encoder_ln_recursive = layer_norm("encoder_ln_recursive")
-    self.pre_quantizer_mlp = nn.Dense(c.token_dim, dtype=self.dtype)
+    self.pre_quantizer_mlp = nn.Dense(c.token_dim, dtype=self.dtype, kernel_init=DENSE_INIT)
     self.encoder = Transformer(w, c.encoder_layers, c.encoder_heads, c.mlp_ratio, self.dtype)
     self.decoder = LatentDecoder(
       d,

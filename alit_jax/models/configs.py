@@ -206,3 +206,55 @@ def named_config(
     halting_threshold=HALTING_THRESHOLD[base],
   )
   return ModelConfig(alit=alit, base=base_cfg, name=f"{name}_{base}")
+
+
+def tiny_config(
+    base: BaseKind = "vqgan",
+    *,
+    image_size: int = 64,
+    width: int = 64,
+    layers: int = 1,
+    heads: int = 2,
+    tokens: int = 4,
+    iterations: int = 3,
+    quantize_latent: bool = True,
+    factorize_latent: bool = True,
+    codebook_size: int = 32,
+    token_dim: int = 8,
+) -> ModelConfig:
+  """A very small model for tests and `runlocal` configs (seconds to compile on CPU).
+
+  The base tokenizer keeps the real 16x downsampling (5 levels) at 32 channels, so the 2D grid is
+  `image_size / 16` per side and ALIT's patch size stays 16.
+  """
+  if base == "vqgan":
+    base_cfg: VQGANConfig | VAEConfig = VQGANConfig(
+        ch=32, ch_mult=(1, 1, 1, 1, 2), num_res_blocks=1, z_channels=16, embed_dim=16, n_embed=64,
+        resolution=image_size,
+    )
+  else:
+    base_cfg = VAEConfig(
+        ch=32, ch_mult=(1, 1, 1, 1, 2), num_res_blocks=1, embed_dim=8,
+        encoder_attn_resolutions=(image_size // 16,), resolution=image_size,
+    )
+  alit = ALITConfig(
+      base=base,
+      base_embed_dim=base_cfg.embed_dim,
+      base_codebook_size=base_cfg.n_embed if base == "vqgan" else 0,
+      encoder_width=width,
+      encoder_layers=layers,
+      encoder_heads=heads,
+      decoder_width=width,
+      decoder_layers=layers,
+      decoder_heads=heads,
+      quantize_latent=quantize_latent,
+      factorize_latent=factorize_latent,
+      codebook_size=codebook_size,
+      token_dim=token_dim,
+      num_latent_tokens=tokens,
+      image_size=image_size,
+      patch_size=16,
+      max_rollout_iters=iterations,
+      halting_threshold=HALTING_THRESHOLD[base],
+  )
+  return ModelConfig(alit=alit, base=base_cfg, name=f"tiny_{base}")

@@ -18,6 +18,12 @@ import jax.numpy as jnp
 
 Dtype = Any
 
+# The reference re-initialises every nn.Linear / Conv with trunc_normal(std=0.02) (its bounds are
+# +-2 absolute, so effectively a plain normal) and zero bias; MultiheadAttention's fused
+# in_proj keeps PyTorch's xavier_uniform.
+DENSE_INIT = nn.initializers.normal(0.02)
+IN_PROJ_INIT = nn.initializers.xavier_uniform()
+
 
 def layer_norm(name: str, eps: float = 1e-5) -> nn.LayerNorm:
   """PyTorch-equivalent LayerNorm: float32 statistics and output, two-pass variance."""
@@ -61,7 +67,7 @@ class MultiheadAttention(nn.Module):
     """
     b, length, w = x.shape
     hd = w // self.heads
-    qkv = nn.Dense(3 * w, dtype=self.dtype, name="in_proj")(x)
+    qkv = nn.Dense(3 * w, dtype=self.dtype, kernel_init=IN_PROJ_INIT, name="in_proj")(x)
     q, k, v = jnp.split(qkv, 3, axis=-1)
     q = q.reshape(b, length, self.heads, hd) * jnp.asarray(hd**-0.5, q.dtype)
     k = k.reshape(b, length, self.heads, hd)
@@ -72,7 +78,7 @@ class MultiheadAttention(nn.Module):
       logits = jnp.where(key_mask[:, None, None, :], logits, jnp.finfo(jnp.float32).min)
     weights = jax.nn.softmax(logits, axis=-1)
     out = jnp.einsum("bhqk,bkhd->bqhd", weights.astype(v.dtype), v).reshape(b, length, w)
-    out = nn.Dense(w, dtype=self.dtype, name="out_proj")(out)
+    out = nn.Dense(w, dtype=self.dtype, kernel_init=DENSE_INIT, name="out_proj")(out)
     if return_weights:
       return out, weights.mean(axis=1)
     return out
@@ -87,9 +93,9 @@ class Mlp(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    x = nn.Dense(self.hidden, dtype=self.dtype, name="c_fc")(x)
+    x = nn.Dense(self.hidden, dtype=self.dtype, kernel_init=DENSE_INIT, name="c_fc")(x)
     x = jax.nn.gelu(x.astype(jnp.float32), approximate=False).astype(self.dtype)
-    return nn.Dense(self.width, dtype=self.dtype, name="c_proj")(x)
+    return nn.Dense(self.width, dtype=self.dtype, kernel_init=DENSE_INIT, name="c_proj")(x)
 
 
 class ResidualAttentionBlock(nn.Module):
