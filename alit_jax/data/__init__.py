@@ -1,0 +1,13 @@
+"""Input pipeline: TFDS array_record sources (no TensorFlow) -> grain batches.
+
+  sources.get_source(spec, split, data_dir)  random-access image sources
+  pipeline.make_train_iterator(...)          infinite, resumable, process-sharded train batches
+  pipeline.make_eval_iterator(...)           padded + masked eval batches, every example once
+  transforms                                 decode / RandomResizedCrop / center crop (grain)
+  synthetic                                  procedural images of graded complexity
+  build_folder                               `python -m alit_jax.data.build_folder SRC --out DIR`
+
+This package imports nothing itself: import the submodule you need (e.g.
+`from alit_jax.data import pipeline`). transforms/pipeline import grain; tensorflow_datasets is
+only imported when a TFDS source is opened or a folder is built.
+"""
