@@ -29,7 +29,7 @@ the reference trains with LPIPS dropout active. ``deterministic`` selects the be
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -199,9 +199,7 @@ def lpips_target() -> dict[str, Any]:
   return _TARGET_CACHE["lpips"]
 
 
-def _check_scaling_layer(
-  state_dict: Mapping[str, Any], prefix: str, name: str
-) -> tuple[list[str], list[str]]:
+def _check_scaling_layer(state_dict: Mapping[str, Any], prefix: str) -> tuple[list[str], list[str]]:
   """Returns (problems, consumed keys) for the two ScalingLayer buffers."""
   problems, consumed = [], []
   for leaf, want in (("shift", LPIPS_SHIFT), ("scale", LPIPS_SCALE)):
@@ -237,7 +235,7 @@ def lpips_from_state_dict(
     mapping.ConversionError: listing missing / unexpected / mis-shaped keys, and ScalingLayer
       buffers that are absent or differ from :data:`LPIPS_SHIFT` / :data:`LPIPS_SCALE`.
   """
-  problems, consumed = _check_scaling_layer(state_dict, prefix, name)
+  problems, consumed = _check_scaling_layer(state_dict, prefix)
   rest = {k: v for k, v in state_dict.items() if k.startswith(prefix) and k not in consumed}
   try:
     out = mapping.state_dict_to_tree(rest, lpips_target(), prefix=prefix, name=name)
@@ -355,7 +353,7 @@ def load_lpips(
   )
 
 
-__all__: Sequence[str] = (
+__all__ = [
   "LPIPS",
   "LPIPS_SCALE",
   "LPIPS_SHIFT",
@@ -365,4 +363,4 @@ __all__: Sequence[str] = (
   "lpips_from_state_dict",
   "lpips_from_torchvision",
   "lpips_target",
-)
+]
