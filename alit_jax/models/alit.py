@@ -17,7 +17,13 @@ import jax
 import jax.numpy as jnp
 
 from alit_jax.models.configs import ALITConfig
-from alit_jax.models.layers import DENSE_INIT, ResidualAttentionBlock, Transformer, l2_normalize, layer_norm
+from alit_jax.models.layers import (
+  DENSE_INIT,
+  ResidualAttentionBlock,
+  Transformer,
+  l2_normalize,
+  layer_norm,
+)
 
 Dtype = Any
 

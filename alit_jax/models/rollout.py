@@ -226,6 +226,7 @@ def alit_rollout(
   halting: Halting = Halting(),
   rng: jax.Array | None = None,
   impl: Literal["scan", "unrolled"] = "scan",
+  decode_mask: jax.Array | None = None,
 ) -> dict[str, jax.Array]:
   """Runs all `max_rollout_iters` iterations of ALIT.
 
@@ -237,6 +238,10 @@ def alit_rollout(
     halting: halting settings.
     rng: PRNG key, needed for `halting.mode == "sample"` (folded with the iteration index).
     impl: "scan" (fixed buffer + masks) or "unrolled" (growing sequence).
+    decode_mask: optional bool (N,): iterations at which the latents are decoded (and halting
+      applied). The reference's training with `sample_grad_iters` decodes only at the sampled
+      iterations; elsewhere the encoder just carries on. Outputs of skipped iterations are zeros.
+      The unrolled variant needs a concrete (non-traced) mask.
 
   Returns:
     Per-iteration arrays stacked on axis 0 (N = max_rollout_iters, L = N*T latent slots):
@@ -258,13 +263,24 @@ def alit_rollout(
   if impl == "scan":
     x0 = initial_buffer(model, alit_vars, img_tokens, full=True)
 
+    def decode_step(x, i, key):
+      return _iteration_outputs(
+        model, alit_vars, x, t * (i + 1), targets, halting, key, masked=True
+      )
+
     def body(x, inp):
       i, key = inp
       key = key if keys is not None else None
       x = _apply(model, alit_vars, ALIT.encode, x, _key_mask(model, i))
-      x, res = _iteration_outputs(
-        model, alit_vars, x, t * (i + 1), targets, halting, key, masked=True
-      )
+      if decode_mask is None:
+        x, res = decode_step(x, i, key)
+      else:
+        shapes = jax.eval_shape(decode_step, x, i, key)[1]
+
+        def skip(x, i, key):
+          return x, jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+
+        x, res = jax.lax.cond(decode_mask[i], decode_step, skip, x, i, key)
       x = _advance(model, alit_vars, x, i)
       return x, res
 
@@ -278,12 +294,17 @@ def alit_rollout(
   x = initial_buffer(model, alit_vars, img_tokens, full=False)
   encoder_input = x
   per_iter = []
+  if decode_mask is not None:
+    decode_mask = [bool(v) for v in decode_mask]
   for i in range(n):
     x = _apply(model, alit_vars, ALIT.encode, x)
     key = None if keys is None else keys[i]
+    x_enc = x
     x, res = _iteration_outputs(
       model, alit_vars, x, t * (i + 1), targets, halting, key, masked=False
     )
+    if decode_mask is not None and not decode_mask[i]:
+      x, res = x_enc, jax.tree.map(jnp.zeros_like, res)
     for k in _LATENT_KEYS:
       if k in res:
         res[k] = _pad_latents(res[k], n * t)
