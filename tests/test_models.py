@@ -16,11 +16,11 @@ from alit_jax.convert import alit_checkpoint, mapping
 from alit_jax.models.configs import tiny_config
 
 VARIANTS = {
-    "vqgan_quantized": dict(base="vqgan"),
-    "vqgan_continuous": dict(base="vqgan", quantize_latent=False),
-    "vqgan_unfactorized": dict(base="vqgan", quantize_latent=False, factorize_latent=False, heads=4),
-    "vae_quantized": dict(base="vae"),
-    "vae_continuous": dict(base="vae", quantize_latent=False, heads=1),
+  "vqgan_quantized": dict(base="vqgan"),
+  "vqgan_continuous": dict(base="vqgan", quantize_latent=False),
+  "vqgan_unfactorized": dict(base="vqgan", quantize_latent=False, factorize_latent=False, heads=4),
+  "vae_quantized": dict(base="vae"),
+  "vae_continuous": dict(base="vae", quantize_latent=False, heads=1),
 }
 
 
@@ -30,7 +30,9 @@ def _images(n=2, size=64, seed=0):
   imgs = []
   for _ in range(n):
     f = rng.uniform(1, 6, size=(3, 2))
-    img = np.stack([0.5 + 0.5 * np.sin(2 * np.pi * (f[c, 0] * xx + f[c, 1] * yy)) for c in range(3)], -1)
+    img = np.stack(
+      [0.5 + 0.5 * np.sin(2 * np.pi * (f[c, 0] * xx + f[c, 1] * yy)) for c in range(3)], -1
+    )
     imgs.append(img)
   return np.clip(np.stack(imgs), 0, 1).astype(np.float32)
 
@@ -43,7 +45,9 @@ def variant(request):
   x = _images()
   thr = 0.02 if cfg.alit.base == "vqgan" else 10.0
   scan = tok.rollout(x, halting="threshold", halting_threshold=thr, impl="scan")
-  unrolled = tok.rollout(x, halting="threshold", halting_threshold=thr, impl="unrolled", reconstruct=False)
+  unrolled = tok.rollout(
+    x, halting="threshold", halting_threshold=thr, impl="unrolled", reconstruct=False
+  )
   return request.param, tok, scan, unrolled
 
 
@@ -107,8 +111,12 @@ def test_vae_halting_is_a_noop_by_default():
   masked = tok2.rollout(x, halting="threshold", halting_threshold=10.0, reconstruct=False)
   np.testing.assert_array_equal(np.asarray(masked["drop_mask"]), np.asarray(masked["would_mask"]))
   assert np.asarray(masked["drop_mask"]).all()
-  np.testing.assert_array_equal(np.asarray(masked["latent_tokens"][0]), np.asarray(noop["latent_tokens"][0]))
-  assert not np.allclose(np.asarray(masked["latent_tokens"][1]), np.asarray(noop["latent_tokens"][1]))
+  np.testing.assert_array_equal(
+    np.asarray(masked["latent_tokens"][0]), np.asarray(noop["latent_tokens"][0])
+  )
+  assert not np.allclose(
+    np.asarray(masked["latent_tokens"][1]), np.asarray(noop["latent_tokens"][1])
+  )
 
 
 def test_state_dict_round_trip_and_inference(variant):
@@ -123,7 +131,7 @@ def test_state_dict_round_trip_and_inference(variant):
   prefix = alit_checkpoint.BASE_PREFIX[tok.config.alit.base]
   sd.update(mapping.tree_to_state_dict(tok.variables["base"], prefix=prefix))
   cfg = alit_checkpoint.infer_config(
-      {k: v.shape for k, v in sd.items()}, num_heads=tok.config.alit.encoder_heads
+    {k: v.shape for k, v in sd.items()}, num_heads=tok.config.alit.encoder_heads
   )
   want = tok.config.alit
   if not want.quantize_latent:  # the codebook size of an unquantized model is not in its keys

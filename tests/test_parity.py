@@ -14,7 +14,16 @@ from alit_jax import Tokenizer
 
 CASE = "vqgan_tiny_quantized"
 MODES = ("nohalt", "halt_partial", "halt_all")
-ITER_ARRAYS = ("latent_tokens", "factorized_latent", "quant_indices", "logits", "pred_gt_prob", "drop_mask", "decoded_code", "decoder_latent_input")
+ITER_ARRAYS = (
+  "latent_tokens",
+  "factorized_latent",
+  "quant_indices",
+  "logits",
+  "pred_gt_prob",
+  "drop_mask",
+  "decoded_code",
+  "decoder_latent_input",
+)
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +70,9 @@ def test_rollout_reproduces_reference(case, mode):
   if mode == "nohalt":
     _assert_close("base_features", out["base_features"].transpose(0, 3, 1, 2), npz["base_features"])
     _assert_close("gt_indices", out["gt_indices"], npz["gt_indices"])
-    _assert_close("img_tokens_normalized", out["img_tokens_normalized"], npz["img_tokens_normalized"])
+    _assert_close(
+      "img_tokens_normalized", out["img_tokens_normalized"], npz["img_tokens_normalized"]
+    )
     _assert_close("encoder_input", out["encoder_input"], npz["encoder_input"])
     full = out["reconstructions"][7, 0].transpose(2, 0, 1)[None]
     _assert_close("recon_full", full, npz["nohalt.recon_full.it7.b0"], atol=1e-3, rtol=1e-3)
@@ -73,7 +84,12 @@ def test_rollout_reproduces_reference(case, mode):
       if key not in npz:
         continue
       got = out[name][i]
-      if got.ndim >= 2 and name in ("latent_tokens", "factorized_latent", "quant_indices", "decoder_latent_input"):
+      if got.ndim >= 2 and name in (
+        "latent_tokens",
+        "factorized_latent",
+        "quant_indices",
+        "decoder_latent_input",
+      ):
         got = got[:, :n_valid]
       _assert_close(key, got, npz[key])
       checked += 1
@@ -93,8 +109,12 @@ def test_unrolled_matches_scan(case):
   """
   tok, meta = case["tok"], case["meta"]
   thr = meta["modes"]["halt_partial"]["dynamic_halting_threshold"]
-  a = tok.rollout(case["images"], halting="threshold", halting_threshold=thr, impl="scan", reconstruct=False)
-  b = tok.rollout(case["images"], halting="threshold", halting_threshold=thr, impl="unrolled", reconstruct=False)
+  a = tok.rollout(
+    case["images"], halting="threshold", halting_threshold=thr, impl="scan", reconstruct=False
+  )
+  b = tok.rollout(
+    case["images"], halting="threshold", halting_threshold=thr, impl="unrolled", reconstruct=False
+  )
   for k in ("latent_tokens", "logits", "quant_indices", "drop_mask", "decoded_code"):
     _assert_close(k, np.asarray(a[k]), np.asarray(b[k]), atol=2e-5, rtol=2e-5)
 
@@ -104,7 +124,9 @@ def test_ema_checkpoint_loads_same_weights(case):
 
   Breaks if the container selection or the restricted unpickler's shared-storage handling fails.
   """
-  tok2 = Tokenizer.from_pytorch(case["dir"] / f"{CASE}_ckpt_ema.pth", num_heads=case["tok"].config.alit.encoder_heads)
+  tok2 = Tokenizer.from_pytorch(
+    case["dir"] / f"{CASE}_ckpt_ema.pth", num_heads=case["tok"].config.alit.encoder_heads
+  )
   assert tok2.meta["state_dict"] == "['ema']"
   import jax
 
