@@ -294,9 +294,14 @@ def tree_to_state_dict(variables: Mapping[str, Any], *, prefix: str = "") -> dic
   return out
 
 
+# PyTorch module names that themselves end in _<digits> (not list indices). The forward mapping
+# (PyTorch -> Flax) needs no such table; only this inverse, used for export, does.
+_LITERAL_NAMES = frozenset({"ln_1", "ln_2"})
+
+
 def _unsplit(seg: str, parent: str | None) -> str:
-  """Flax segment -> PyTorch segment(s); `mid.block_1` etc. are real PyTorch names."""
-  if parent == "mid":
+  """Flax segment -> PyTorch segment(s); `mid.block_1`, `ln_1` etc. are real PyTorch names."""
+  if parent == "mid" or seg in _LITERAL_NAMES:
     return seg
   head, sep, tail = seg.rpartition("_")
   if sep and tail.isdigit() and head:

@@ -53,6 +53,9 @@ class Halting:
       raise ValueError(f"halting must be one of {HALTING_MODES}, got {self.mode!r}")
 
 
+NO_HALTING = Halting()
+
+
 def _apply(model: ALIT, variables: Any, method: Callable, *args, **kwargs):
   return model.apply(variables, *args, method=method, **kwargs)
 

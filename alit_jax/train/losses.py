@@ -50,7 +50,7 @@ def stage1_loss(
   images: jax.Array,
   base_out: dict[str, jax.Array],
   *,
-  halting: rollout_lib.Halting = rollout_lib.Halting(),
+  halting: rollout_lib.Halting = rollout_lib.NO_HALTING,
   rng: jax.Array | None = None,
   loss_iters: jax.Array | None = None,
   lam: Sequence[float] | None = None,
