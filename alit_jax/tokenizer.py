@@ -154,7 +154,12 @@ class Tokenizer:
 
   @classmethod
   def from_pytorch(
-    cls, path: str | os.PathLike, num_heads: int | None = None, **kwargs
+    cls,
+    path: str | os.PathLike,
+    num_heads: int | None = None,
+    *,
+    load_gan_losses: bool = False,
+    **kwargs,
   ) -> Tokenizer:
     """Loads an official PyTorch ALIT checkpoint (no torch needed).
 
@@ -162,6 +167,9 @@ class Tokenizer:
       path: `.pth` (plain state dict, `{'model','ema'}` (ema used), `{'state_dict'}`),
         `.safetensors` or `.npz`.
       num_heads: attention heads; None uses the reference factory value for the inferred size.
+      load_gan_losses: also convert a full_finetuning checkpoint's `gan_losses.*` (8 PatchGAN
+        discriminators + LPIPS, ~140M values) into `self.gan_losses`; otherwise only their key
+        count is recorded in `meta` (inference does not need them).
       **kwargs: passed to `Tokenizer.__init__`.
     """
     from alit_jax.convert import alit_checkpoint, pth
@@ -173,9 +181,10 @@ class Tokenizer:
     )
     variables, gan = alit_checkpoint.convert_state_dict(sd, config, name=name)
     meta = {"source": os.path.abspath(name), "state_dict": where, "gan_losses_keys": len(gan)}
-    tok = cls(config, variables, meta=meta, **kwargs)
-    tok.gan_losses = gan or None
-    return tok
+    gan_tree = None
+    if gan and load_gan_losses:
+      gan_tree = alit_checkpoint.convert_gan_losses(gan, config.alit.max_rollout_iters, name=name)
+    return cls(config, variables, meta=meta, gan_losses=gan_tree, **kwargs)
 
   @classmethod
   def random(cls, config: ModelConfig, seed: int = 0, **kwargs) -> Tokenizer:

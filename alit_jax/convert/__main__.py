@@ -57,11 +57,10 @@ def convert(
     log(f"params: alit {_count(variables['alit']):,}, base {_count(variables['base']):,}")
     gan_tree = None
     if gan:
-      from alit_jax.losses import gan as gan_lib
-
-      gan_tree = gan_lib.convert_gan_losses(gan)
+      gan_tree = alit_checkpoint.convert_gan_losses(gan, a.max_rollout_iters, name=ckpt)
       log(
-        f"gan_losses: {len(gan)} keys ({sum(np.size(v) for v in gan.values()):,} values) kept for stage-2 fine-tuning"
+        f"gan_losses: {len(gan)} keys -> {len(gan_tree['discriminators'])} PatchGAN discriminators + "
+        "LPIPS, saved in gan_losses/ for stage-2 fine-tuning"
       )
     summary.update(kind="alit", config=config.name, gan_losses_keys=len(gan))
     checkpoint.save_pretrained(

@@ -304,3 +304,25 @@ def convert_base_checkpoint(
     base.init, jax.random.key(0), jax.ShapeDtypeStruct((1, s, s, 3), jnp.float32)
   )
   return config, mapping.state_dict_to_tree(sd, target, name=name)
+
+
+def convert_gan_losses(
+  gan_sd: Mapping[str, np.ndarray], num_iters: int, *, name: str = "checkpoint"
+) -> dict[str, Any]:
+  """Converts `gan_losses.<i>.*` (full_finetuning checkpoints) for stage-2 fine-tuning.
+
+  Returns:
+    `{"discriminators": {"0": vars, ..., str(N-1): vars}, "lpips": vars}`. The reference holds one
+    frozen LPIPS per iteration; they are identical in the released checkpoints, so one copy is kept
+    (a ConversionError is raised if they differ, rather than silently keeping one).
+  """
+  from alit_jax.losses import gan as gan_lib
+
+  discs, lpipss = gan_lib.convert_gan_losses(gan_sd, num_iters=num_iters, name=name)
+  first = jax.tree.leaves(lpipss[0])
+  for i, other in enumerate(lpipss[1:], 1):
+    if any(not np.array_equal(a, b) for a, b in zip(first, jax.tree.leaves(other))):
+      raise mapping.ConversionError(
+        f"{name}: gan_losses.{i}.perceptual_loss differs from gan_losses.0's"
+      )
+  return {"discriminators": {str(i): d for i, d in enumerate(discs)}, "lpips": lpipss[0]}
