@@ -81,3 +81,24 @@ def get(criterion: str | Criterion | ScoreFn, *, higher_is_better: bool | None =
   raise TypeError(
     f"criterion must be a name, a Criterion or a callable, got {type(criterion).__name__}"
   )
+
+
+def first_meeting(scores, threshold: float | None, higher_is_better: bool = False):
+  """Index of the first iteration whose score meets the threshold, per image (numpy).
+
+  Args:
+    scores: (N, B) per-iteration scores, or bool "meets" values.
+    threshold: ignored for bool scores.
+    higher_is_better: direction.
+
+  Returns:
+    (B,) int iteration indices; images that never meet it get N - 1 (all tokens), as `encode`.
+  """
+  import numpy as np
+
+  scores = np.asarray(scores)
+  if scores.dtype == bool:
+    meets = scores
+  else:
+    meets = scores > threshold if higher_is_better else scores < threshold
+  return np.where(meets.any(axis=0), meets.argmax(axis=0), scores.shape[0] - 1)

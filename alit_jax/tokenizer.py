@@ -211,6 +211,14 @@ class Tokenizer:
     config, variables, meta = checkpoint.load_pretrained(path)
     return cls(config, variables, meta=meta, **kwargs)
 
+  @classmethod
+  def load(cls, spec: str | os.PathLike, num_heads: int | None = None, **kwargs) -> Tokenizer:
+    """`demo`, a pretrained/training directory, or a PyTorch checkpoint file (.pth/.ckpt/...)."""
+    p = pathlib.Path(spec)
+    if os.fspath(spec) != "demo" and p.is_file():
+      return cls.from_pytorch(p, num_heads=num_heads, **kwargs)
+    return cls.from_pretrained(spec, **kwargs)
+
   def save_pretrained(self, path: str | os.PathLike, *, overwrite: bool = False) -> pathlib.Path:
     """Writes config.json + Orbax params (atomically)."""
     return checkpoint.save_pretrained(
