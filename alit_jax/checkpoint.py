@@ -31,6 +31,32 @@ PARAMS_DIR = "params"
 GAN_DIR = "gan_losses"
 
 
+def _write_atomically(directory: str | os.PathLike, overwrite: bool, write) -> pathlib.Path:
+  """Calls `write(tmp_dir)` on a fresh sibling temp dir, then renames it to `directory`.
+
+  An existing `directory` is only replaced (with `overwrite`) after the new one is complete;
+  on any error the temp dir is removed and `directory` is untouched.
+  """
+  directory = pathlib.Path(directory).absolute()
+  if directory.exists() and not overwrite:
+    raise FileExistsError(f"{directory} exists; pass overwrite=True (--overwrite) to replace it")
+  directory.parent.mkdir(parents=True, exist_ok=True)
+  tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
+  try:
+    write(tmp)
+    if directory.exists():
+      old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
+      directory.rename(old)
+      tmp.rename(directory)
+      shutil.rmtree(old)
+    else:
+      tmp.rename(directory)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  return directory
+
+
 def save_pretrained(
   directory: str | os.PathLike,
   config: ModelConfig,
@@ -53,32 +79,16 @@ def save_pretrained(
   Returns:
     The directory path.
   """
-  directory = pathlib.Path(directory).absolute()
-  if directory.exists() and not overwrite:
-    raise FileExistsError(f"{directory} exists; pass overwrite=True (--overwrite) to replace it")
-  directory.parent.mkdir(parents=True, exist_ok=True)
-  tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
-  try:
+
+  def write(tmp: pathlib.Path):
     with ocp.StandardCheckpointer() as ckptr:
       ckptr.save(tmp / PARAMS_DIR, jax.device_get(variables))
       if gan_losses is not None:
         ckptr.save(tmp / GAN_DIR, jax.device_get(gan_losses))
-    (tmp / CONFIG_FILE).write_text(
-      json.dumps(
-        {"model": json.loads(config.to_json()), "meta": meta or {}}, indent=2, sort_keys=True
-      )
-    )
-    if directory.exists():
-      old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
-      directory.rename(old)
-      tmp.rename(directory)
-      shutil.rmtree(old)
-    else:
-      tmp.rename(directory)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
-  return directory
+    body = {"model": json.loads(config.to_json()), "meta": meta or {}}
+    (tmp / CONFIG_FILE).write_text(json.dumps(body, indent=2, sort_keys=True))
+
+  return _write_atomically(directory, overwrite, write)
 
 
 def read_config(directory: str | os.PathLike) -> tuple[ModelConfig, dict[str, Any]]:
@@ -131,27 +141,13 @@ def save_base(
   """Writes a standalone base tokenizer (VQGAN / KL-VAE) directory: config.json {"base": ...}."""
   import dataclasses
 
-  directory = pathlib.Path(directory).absolute()
-  if directory.exists() and not overwrite:
-    raise FileExistsError(f"{directory} exists; pass overwrite=True (--overwrite) to replace it")
-  directory.parent.mkdir(parents=True, exist_ok=True)
-  tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
-  try:
+  def write(tmp: pathlib.Path):
     with ocp.StandardCheckpointer() as ckptr:
       ckptr.save(tmp / PARAMS_DIR, jax.device_get(variables))
     body = {"base": {"kind": config.kind, **dataclasses.asdict(config)}, "meta": meta or {}}
     (tmp / CONFIG_FILE).write_text(json.dumps(body, indent=2, sort_keys=True))
-    if directory.exists():
-      old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
-      directory.rename(old)
-      tmp.rename(directory)
-      shutil.rmtree(old)
-    else:
-      tmp.rename(directory)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
-  return directory
+
+  return _write_atomically(directory, overwrite, write)
 
 
 def load_base(directory: str | os.PathLike) -> tuple[Any, dict[str, Any]]:

@@ -57,10 +57,8 @@ def _need(shapes: Shapes, key: str, name: str) -> tuple[int, ...]:
   return shapes[key]
 
 
-def infer_vqgan_config(
-  shapes: Shapes, prefix: str = "", *, resolution: int = 256, name: str = "checkpoint"
-) -> VQGANConfig:
-  """VQGAN architecture from `encoder.*`, `decoder.*`, `quantize.*` key shapes under `prefix`."""
+def _encoder_levels(shapes: Shapes, prefix: str, name: str) -> tuple[int, tuple[int, ...], int]:
+  """(ch, ch_mult, num_res_blocks) of a taming/LDM encoder from its key shapes."""
   ch = _need(shapes, prefix + "encoder.conv_in.weight", name)[0]
   levels = _count(shapes, re.escape(prefix) + r"encoder\.down\.(\d+)\.")
   blocks = _count(shapes, re.escape(prefix) + r"encoder\.down\.0\.block\.(\d+)\.")
@@ -68,6 +66,14 @@ def infer_vqgan_config(
     _need(shapes, f"{prefix}encoder.down.{i}.block.0.conv1.weight", name)[0] // ch
     for i in range(levels)
   )
+  return ch, ch_mult, blocks
+
+
+def infer_vqgan_config(
+  shapes: Shapes, prefix: str = "", *, resolution: int = 256, name: str = "checkpoint"
+) -> VQGANConfig:
+  """VQGAN architecture from `encoder.*`, `decoder.*`, `quantize.*` key shapes under `prefix`."""
+  ch, ch_mult, blocks = _encoder_levels(shapes, prefix, name)
   n_embed, embed_dim = _need(shapes, prefix + "quantize.embedding.weight", name)
   z = _need(shapes, prefix + "encoder.conv_out.weight", name)[0]
   return VQGANConfig(
@@ -85,14 +91,9 @@ def infer_vae_config(
   shapes: Shapes, prefix: str = "", *, resolution: int = 256, name: str = "checkpoint"
 ) -> VAEConfig:
   """KL-VAE architecture from key shapes under `prefix`."""
-  ch = _need(shapes, prefix + "encoder.conv_in.weight", name)[0]
-  levels = _count(shapes, re.escape(prefix) + r"encoder\.down\.(\d+)\.")
-  blocks = _count(shapes, re.escape(prefix) + r"encoder\.down\.0\.block\.(\d+)\.")
-  ch_mult = tuple(
-    _need(shapes, f"{prefix}encoder.down.{i}.block.0.conv1.weight", name)[0] // ch
-    for i in range(levels)
-  )
+  ch, ch_mult, blocks = _encoder_levels(shapes, prefix, name)
   embed_dim = _need(shapes, prefix + "post_quant_conv.weight", name)[0]
+  levels = len(ch_mult)
   enc_attn = tuple(
     resolution // 2**i
     for i in range(levels)
