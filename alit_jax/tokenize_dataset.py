@@ -634,7 +634,7 @@ class Result:
 def tokenize_dataset(
   tokenizer,
   out: str | os.PathLike,
-  data: str,
+  data: Any,
   *,
   split: str = "train",
   data_dir: str | None = None,
@@ -655,13 +655,16 @@ def tokenize_dataset(
   log: Log | None = _default_log,
   log_every_s: float = 30.0,
   poll_s: float = 1.0,
+  early_exit: bool = True,
 ) -> Result:
   """Tokenizes every image of a source into OUT (see the module docstring), resuming OUT.
 
   Args:
     tokenizer: a `Tokenizer` (give it `mesh=local_mesh()` to split batches over local devices).
     out: output folder (created; shared by all processes).
-    data, split, data_dir: the source (`open_source`).
+    data, split, data_dir: the source (`open_source`); `data` may also be a random-access source
+      object (`len`, `[i]` -> {"image": bytes or uint8 array, "file_name", "label"}) with a
+      deterministic `fingerprint()` or repr.
     checkpoint: where the weights came from (recorded; the identity is their hash).
     criterion, threshold: `Tokenizer.encode`'s criterion (a registered name) and threshold
       (None: the criterion's default).
@@ -677,6 +680,8 @@ def tokenize_dataset(
     log: progress and status lines (process 0 only); None silences them.
     log_every_s: seconds between progress lines.
     poll_s: seconds between checks while waiting for other processes.
+    early_exit: stop a batch's rollout once all its images meet the criterion. False runs every
+      iteration (for benchmarks); the output is the same either way.
 
   Returns:
     A `Result`.
@@ -704,8 +709,14 @@ def tokenize_dataset(
   if threshold is None:
     threshold = crit.default_threshold
   tdtype = token_dtype_for(tokenizer, token_dtype)
-  source = open_source(data, split, data_dir)
+  if isinstance(data, str | os.PathLike):
+    data = os.fspath(data)
+    source = open_source(data, split, data_dir)
+  else:
+    source, data = data, repr(data)
   n = len(source)
+  if n == 0:
+    raise ValueError(f"{data}: the source has no records")
   job = job_identity(
     tokenizer,
     source,
@@ -725,7 +736,12 @@ def tokenize_dataset(
   # Every process checks; process 0 (or, for independent workers, the first) writes.
   check_or_write_job(out, job, write=process_index == 0 or not wait_for_others)
   if wait_for_others and process_index != 0:
-    _wait(lambda: (out / JOB_FILE).is_file(), poll_s)
+    _wait(
+      lambda: (out / JOB_FILE).is_file(),
+      poll_s,
+      timeout_s=600.0,
+      what=f"process 0 to write {out / JOB_FILE} (did it fail?)",
+    )
     check_or_write_job(out, job, write=False)
 
   s_total = job["num_shards"]
@@ -790,7 +806,7 @@ def tokenize_dataset(
           imgs = batch["image"]
           # Padding and bad rows repeat a real image: they cannot delay the early exit.
           imgs[~good] = imgs[rows[0]]
-          enc = tokenizer.encode(imgs, crit.name, float(threshold))
+          enc = tokenizer.encode(imgs, crit.name, float(threshold), early_exit=early_exit)
           toks, lens, scores = jax.device_get((enc.tokens, enc.lengths, enc.scores))
         n_tok = 0
         for r in np.flatnonzero(real):
@@ -843,7 +859,8 @@ def tokenize_dataset(
 
     if not all_done() and log0:
       log0(f"{tag}own shards done; waiting for the other processes")
-    _wait(all_done, poll_s, log0, 300.0, lambda: f"{tag}still waiting for other processes")
+    # No timeout: if another process dies, jax.distributed's heartbeat ends this one.
+    _wait(all_done, poll_s, what=f"{tag}the other processes' shards", log=log0)
   complete = all(shard_done(out, s, s_total) for s in range(s_total))
   manifest = None
   if complete and (process_index == 0 or not wait_for_others):
@@ -875,16 +892,22 @@ def tokenize_dataset(
 def _wait(
   cond: Callable[[], bool],
   poll_s: float,
+  *,
+  timeout_s: float | None = None,
+  what: str = "",
   log: Log | None = None,
   every_s: float = 300.0,
-  msg: Callable[[], str] | None = None,
 ) -> None:
-  last = time.monotonic()
+  """Polls `cond` until true; raises TimeoutError after `timeout_s` (None: wait forever)."""
+  start = last = time.monotonic()
   while not cond():
+    now = time.monotonic()
+    if timeout_s is not None and now - start > timeout_s:
+      raise TimeoutError(f"gave up after {timeout_s:.0f} s waiting for {what}")
+    if log and now - last >= every_s:
+      last = now
+      log(f"still waiting for {what}")
     time.sleep(poll_s)
-    if log and msg and time.monotonic() - last >= every_s:
-      last = time.monotonic()
-      log(msg())
 
 
 # ------------------------------------------------------------------------------------------------
