@@ -47,7 +47,10 @@ checks job.json (a different checkpoint, model, criterion, threshold, data, shar
 dtype is refused with the differences listed), skips done shards and recomputes the rest, so
 killing any process at any moment loses no committed shard and can never duplicate a record
 (shards are keyed by their fixed record range, not by process). At most one shard per process
-is recomputed; the process count may change between runs.
+is recomputed; the process count may change between runs. With the same batch size and
+devices per process, a resumed job's output is bit-identical to an uninterrupted one. Another
+batch size or device layout can change scores in the last bit; tokens and lengths then only
+change if such a difference flips a codebook argmin or a threshold decision (not seen in tests).
 
 With `--coordinator_address`, processes join through `jax.distributed` (same flags as training)
 and wait for each other at the end (if one dies, jax's heartbeat ends the others); process 0
@@ -78,9 +81,9 @@ JOB_FILE = "job.json"
 MANIFEST_FILE = "manifest.json"
 SHARD_DIR = "shards"
 _TMP_PREFIX = ".tmp-"
-# Test hook: "process=1,shards=2,stage=data" makes process 1 SIGKILL itself after committing its
-# 2nd shard of this run ("stage": "tmp" before the data rename, "data" after it and before the
-# JSON, "commit" (default) after both).
+# Test hook: "process=1,shards=2,stage=data" makes process 1 SIGKILL itself while writing its
+# 2nd shard of this run, at "stage": "tmp" (data written under the temporary name), "data" (data
+# renamed, JSON not yet written) or "commit" (default; both done).
 _DIE_ENV = "ALIT_TOKENIZE_TEST_SIGKILL"
 
 Log = Callable[[str], None]
