@@ -21,6 +21,8 @@ EXTRAS = {
     "train": [
         "tensorflow-datasets",
         "grain",
+        "array-record",
+        "msgpack",
         "clu",
         "tensorboardX",
         "scipy",

@@ -7,6 +7,7 @@ tok = Tokenizer.from_pretrained("DIR")                      # Orbax dir from con
 trace = tok.rollout(images, halting="off", halting_threshold=None, rng=None)
 enc = tok.encode(images, criterion="l1", threshold=0.07)    # per-image minimum length
 imgs = tok.decode(enc.tokens, enc.lengths)
+tok = Tokenizer.from_pretrained("DIR", mesh=local_mesh())  # batches split over local devices
 ```
 
 Images are float NHWC in [0, 1] (also uint8, and single (H, W, 3) images).
@@ -33,6 +34,8 @@ from typing import Any, Literal
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from alit_jax import checkpoint, criteria
 from alit_jax import images as images_lib
@@ -99,6 +102,15 @@ def _decode_fn(variables, tokens, lengths, *, model, base):
   )
 
 
+def local_mesh(axis_name: str = "data") -> Mesh:
+  """A 1-D data-parallel mesh over this process's devices (`jax.local_devices()`).
+
+  Local devices only, so processes of a multi-host job run independent computations (no
+  collectives across hosts), as dataset tokenization wants.
+  """
+  return Mesh(np.array(jax.local_devices()), (axis_name,))
+
+
 class Tokenizer:
   """An ALIT tokenizer: base tokenizer + recurrent latent distillation, with its weights.
 
@@ -108,6 +120,7 @@ class Tokenizer:
     image_size: input resolution.
     meta: provenance (source checkpoint etc.).
     gan_losses: stage-2 loss networks from a full_finetuning checkpoint, if any.
+    mesh: data-parallel mesh (None: jax's default device).
   """
 
   def __init__(
@@ -121,6 +134,7 @@ class Tokenizer:
     matmul_precision: str | None = None,
     meta: dict[str, Any] | None = None,
     gan_losses: Any = None,
+    mesh: Mesh | None = None,
   ):
     """Builds a tokenizer from a config and variables.
 
@@ -134,9 +148,17 @@ class Tokenizer:
         "highest" for float32 (GPU/TPU would otherwise use TF32/bf16 passes) and None otherwise.
       meta: provenance stored with `save_pretrained`.
       gan_losses: stage-2 loss networks, if any.
+      mesh: a device mesh for data parallelism (e.g. `local_mesh()`): the weights are replicated
+        on it and every batch is split along its first axis over all mesh axes. `encode` and
+        `decode` pad a batch that does not divide into the mesh by repeating its last image (so
+        early exit is unaffected) and drop the padding from the outputs; `rollout` replicates
+        such a batch instead.
     """
     self.config = config
+    self.mesh = mesh
     self.variables = jax.tree.map(jnp.asarray, dict(variables))
+    if mesh is not None:
+      self.variables = jax.device_put(self.variables, NamedSharding(mesh, P()))
     self.dtype = dtype
     self.impl = impl
     self.vae_masking = vae_masking
@@ -260,6 +282,45 @@ class Tokenizer:
   def _images(self, images: Any) -> jax.Array:
     return jnp.asarray(images_lib.as_batch(images, self.image_size))
 
+  def _batch(self, images: Any, *, pad: bool) -> tuple[jax.Array, int]:
+    """Validated float32 batch on the mesh (or default device), and its unpadded size.
+
+    Well-formed uint8 batches travel as uint8 and are divided by 255 on device (a quarter of
+    the transfer, same values); everything else goes through `images.as_batch` on the host.
+    """
+    s = self.image_size
+    if not isinstance(images, jax.Array):
+      images = np.asarray(images)
+    if images.dtype == np.uint8 and images.ndim in (3, 4) and images.shape[-3:] == (s, s, 3):
+      if images.ndim == 3:
+        images = images[None]
+      if images.shape[0] > 0:
+        (x,), b = self._on_mesh(images, pad=pad)
+        return images_lib.as_batch(x, s), b
+    (x,), b = self._on_mesh(images_lib.as_batch(images, s), pad=pad)
+    return x, b
+
+  def _on_mesh(self, *arrays: Any, pad: bool) -> tuple[list[jax.Array], int]:
+    """Places batch arrays (same leading size B) on `self.mesh`, split along axis 0.
+
+    Returns the placed arrays and B. With `pad`, a B that does not divide into the mesh is padded
+    by repeating the last row; otherwise such arrays are replicated.
+    """
+    b = int(np.shape(arrays[0])[0])
+    if self.mesh is None:
+      return [jnp.asarray(a) for a in arrays], b
+    n = self.mesh.size
+    if b % n and not pad:
+      rep = NamedSharding(self.mesh, P())
+      return [jax.device_put(a, rep) for a in arrays], b
+    out = []
+    for a in arrays:
+      if b % n:
+        xp = jnp if isinstance(a, jax.Array) else np
+        a = xp.concatenate([a, xp.repeat(a[-1:], n - b % n, axis=0)], axis=0)
+      out.append(jax.device_put(a, NamedSharding(self.mesh, P(self.mesh.axis_names))))
+    return out, b
+
   @staticmethod
   def _rng(rng: Any, halting: str) -> jax.Array | None:
     if halting != "sample":
@@ -308,7 +369,7 @@ class Tokenizer:
       unclipped. Iteration i's valid latent slots are the first 32(i+1); later slots hold 0
       (indices -1).
     """
-    x = self._images(images)
+    x, _ = self._batch(images, pad=False)
     h = self._halting(halting, halting_threshold)
     with self._precision():
       return _rollout_fn(
@@ -347,7 +408,7 @@ class Tokenizer:
     Returns:
       An `Encoding`.
     """
-    x = self._images(images)
+    x, b = self._batch(images, pad=True)
     crit = criteria.get(criterion)
     if threshold is None:
       threshold = crit.default_threshold
@@ -366,6 +427,8 @@ class Tokenizer:
         halting=h,
         early_exit=early_exit,
       )
+    if out["lengths"].shape[0] != b:  # drop the mesh padding
+      out = {k: v[:, :b] if k == "scores" else v if v.ndim == 0 else v[:b] for k, v in out.items()}
     return Encoding(
       tokens=out["tokens"],
       lengths=out["lengths"],
@@ -420,7 +483,7 @@ class Tokenizer:
       pad = c.max_latent_tokens - length
       widths = [(0, 0), (0, pad)] + [(0, 0)] * (tokens.ndim - 2)
       tokens = jnp.pad(tokens, widths)
+    (tokens, lengths), b = self._on_mesh(tokens, lengths, pad=True)
     with self._precision():
-      return _decode_fn(self.variables, tokens, lengths, model=self.model, base=self.base)[
-        "reconstructions"
-      ]
+      out = _decode_fn(self.variables, tokens, lengths, model=self.model, base=self.base)
+    return out["reconstructions"][:b]
