@@ -202,6 +202,9 @@ def make_selections(
   return out
 
 
+_LEVELS = np.arange(256, dtype=np.float32) / np.float32(255.0)
+
+
 def quantize_images(x: jax.Array, mode: Quantize = "floor") -> jax.Array:
   """Reconstructions as the evaluated 8-bit images.
 
@@ -216,8 +219,10 @@ def quantize_images(x: jax.Array, mode: Quantize = "floor") -> jax.Array:
   if mode == "none":
     return jnp.clip(x, 0.0, 1.0)
   y = jnp.clip(x * 255.0, 0.0, 255.0)
-  y = jnp.floor(y) if mode == "floor" else jnp.round(y)
-  return y / 255.0
+  levels = (jnp.floor(y) if mode == "floor" else jnp.round(y)).astype(jnp.int32)
+  # A table of k / 255 made by numpy: XLA's float32 division is not correctly rounded on CPU
+  # (1 ulp off for half of the levels), and these must equal ToTensor's values bit for bit.
+  return jnp.take(jnp.asarray(_LEVELS), levels)
 
 
 @functools.partial(jax.jit, static_argnames=("quantize",))
@@ -478,11 +483,7 @@ class MetricAccumulator:
 @functools.partial(
   jax.jit, static_argnames=("model", "base", "halting", "impl", "want_latents", "reconstruct")
 )
-def _rollout_step(
-  variables, images_u8, rng, *, model, base, halting, impl, want_latents, reconstruct
-):
-  # Division, like transforms.to_float / torchvision's ToTensor, so inputs are bit-exact.
-  x = images_u8.astype(jnp.float32) / jnp.float32(255.0)
+def _rollout_step(variables, x, rng, *, model, base, halting, impl, want_latents, reconstruct):
   out = rollout_lib.full_rollout(
     model, base, variables, x, halting=halting, rng=rng, impl=impl, reconstruct=reconstruct
   )
@@ -503,11 +504,16 @@ def _rollout_step(
 class _Devices:
   """Data parallelism over the local devices (plain arrays on one device)."""
 
-  def __init__(self):
+  def __init__(self, num_devices: int | None = None):
     from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
     devices = jax.local_devices()
+    if num_devices is not None:
+      if not 1 <= num_devices <= len(devices):
+        raise ValueError(f"num_devices must be in [1, {len(devices)}], got {num_devices}")
+      devices = devices[:num_devices]
     self.count = len(devices)
+    self.device = devices[0]
     self.mesh = Mesh(np.array(devices), ("data",)) if self.count > 1 else None
     if self.mesh is not None:
       self.batch = NamedSharding(self.mesh, PartitionSpec("data"))
@@ -517,12 +523,14 @@ class _Devices:
     return int(math.ceil(batch_size / self.count) * self.count)
 
   def put_batch(self, x: np.ndarray) -> jax.Array:
-    return jnp.asarray(x) if self.mesh is None else jax.device_put(x, self.batch)
+    if self.mesh is None:
+      return jax.device_put(x, self.device)
+    return jax.device_put(x, self.batch)
 
   def replicate(self, tree: Any) -> Any:
-    if tree is None or self.mesh is None:
+    if tree is None:
       return tree
-    return jax.device_put(tree, self.replicated)
+    return jax.device_put(tree, self.device if self.mesh is None else self.replicated)
 
 
 def _precision(tokenizer):
@@ -589,15 +597,17 @@ def iterate_rollouts(
   seed: int = 0,
   want_latents: bool = False,
   reconstruct: bool = True,
+  num_devices: int | None = None,
   progress: bool = True,
   desc: str = "evaluate",
 ):
   """Yields, per batch, the inputs and the model's outputs at every token count.
 
-  Batches are padded to a fixed size (rows with `mask` False) and sharded over the local devices.
+  Batches are padded to a fixed size (rows with `mask` False) and sharded over the local devices
+  (the first `num_devices` of them if given).
 
   Yields:
-    dicts with `x` (B, S, S, 3) float32 inputs, `images` (B, S, S, 3) uint8 (host), `mask`,
+    dicts with `x` (B, S, S, 3) float32 inputs (on the devices), `images` (B, S, S, 3) uint8 (host), `mask`,
     `label`, `index` (B,) (host), `reconstructions` (N, B, S, S, 3), VQGAN `codes_2d` (N, B, P) and
     `base_codes_2d` (B, P), quantized models' `indices_1d` (N, B, L), and with `want_latents`
     `latent_tokens` (N, B, L, W) (encoder outputs, before ln_post) and `factorized_latent`
@@ -606,9 +616,9 @@ def iterate_rollouts(
   """
   from tqdm.auto import tqdm
 
-  from alit_jax.data import pipeline
+  from alit_jax.data import pipeline, transforms
 
-  devices = _Devices()
+  devices = _Devices(num_devices)
   bs = devices.round_batch(batch_size)
   batches = pipeline.make_eval_iterator(
     source,
@@ -632,7 +642,9 @@ def iterate_rollouts(
     with _precision(tokenizer):
       out = _rollout_step(
         variables,
-        devices.put_batch(batch["image"]),
+        # Converted on the host (numpy division, as torchvision's ToTensor): XLA's float32
+        # division is not correctly rounded on CPU.
+        devices.put_batch(transforms.to_float(batch["image"])),
         rng,
         model=tokenizer.model,
         base=tokenizer.base,
@@ -681,6 +693,7 @@ def evaluate(
   halting_threshold: float | None = None,
   seed: int = 0,
   grid_images: int = 8,
+  num_devices: int | None = None,
   progress: bool = True,
 ) -> dict[str, Any]:
   """Reconstruction metrics at every token count and under adaptive selection.
@@ -703,6 +716,7 @@ def evaluate(
     halting, halting_threshold, seed: dynamic halting during the rollout ("off", "threshold",
       "sample"; `seed` keys the Bernoulli draws).
     grid_images: images shown in grid.png.
+    num_devices: use the first N local devices (default all).
     progress: show a progress bar.
 
   Returns:
@@ -720,7 +734,7 @@ def evaluate(
     raise ValueError(f"{description}: no images to evaluate")
   selections = make_selections(criteria, thresholds)
   cfg = tokenizer.config
-  devices = _Devices()
+  devices = _Devices(num_devices)
   acc = MetricAccumulator(
     tokenizer.token_counts,
     selections,
@@ -741,6 +755,7 @@ def evaluate(
     halting_threshold=halting_threshold,
     seed=seed,
     want_latents=want_latents,
+    num_devices=num_devices,
     progress=progress,
   ):
     scores = criterion_scores(
@@ -1126,15 +1141,16 @@ def main(argv: Sequence[str] | None = None) -> int:
   p.add_argument("--halting-threshold", type=float, default=None)
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--grid-images", type=int, default=8)
+  p.add_argument("--num-devices", type=int, default=None, help="default: all local devices")
   p.add_argument("--no-progress", action="store_true")
   args = p.parse_args(argv)
 
   from alit_jax.metrics import inception as inception_lib
 
-  tok = load_tokenizer(args.checkpoint, args.num_heads)
-  lpips_vars = None
   if (args.lpips_vgg is None) != (args.lpips_heads is None):
     p.error("--lpips-vgg and --lpips-heads go together")
+  tok = load_tokenizer(args.checkpoint, args.num_heads)
+  lpips_vars = None
   if args.lpips_vgg is not None:
     from alit_jax.losses.lpips import load_lpips
 
@@ -1170,6 +1186,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     halting_threshold=args.halting_threshold,
     seed=args.seed,
     grid_images=args.grid_images,
+    num_devices=args.num_devices,
     progress=not args.no_progress,
   )
   print(format_table(results))

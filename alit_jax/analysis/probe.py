@@ -56,6 +56,7 @@ def pooled_latents(
   split: str = "validation",
   data_dir: str | None = None,
   resize: bool | None = None,
+  num_devices: int | None = None,
   progress: bool = True,
 ) -> dict[str, Any]:
   """Pooled latents of every iteration for a dataset (no image decoding).
@@ -65,7 +66,7 @@ def pooled_latents(
     data: anything `alit_jax.evaluate.resolve_source` accepts.
     feature: "latent_tokens" (encoder outputs, width W) or "factorized_latent" (the D-dim
       latents that are quantized and decoded).
-    max_images, batch_size, split, data_dir, resize, progress: as for `evaluate`.
+    max_images, batch_size, split, data_dir, resize, num_devices, progress: as for `evaluate`.
 
   Returns:
     {"features": (N, M, D) float32, "labels": (M,) int, "index": (M,), "data": description,
@@ -86,6 +87,7 @@ def pooled_latents(
     resize=default_resize if resize is None else resize,
     want_latents=True,
     reconstruct=False,
+    num_devices=num_devices,
     progress=progress,
     desc=f"latents {description}",
   ):

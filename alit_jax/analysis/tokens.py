@@ -23,6 +23,7 @@ def collect_token_counts(
   data_dir: str | None = None,
   resize: bool | None = None,
   measures: bool = False,
+  num_devices: int | None = None,
   progress: bool = True,
 ) -> dict[str, Any]:
   """Runs the rollout over a dataset and selects, per image, the token count of each selection.
@@ -33,6 +34,7 @@ def collect_token_counts(
     criteria, thresholds: the selections (see `alit_jax.evaluate.make_selections`).
     max_images, batch_size, split, data_dir, resize: as for `alit_jax.evaluate.evaluate`.
     measures: also compute the complexity measures of every (cropped) input image.
+    num_devices: use the first N local devices (default all).
     progress: progress bar.
 
   Returns:
@@ -60,6 +62,7 @@ def collect_token_counts(
     batch_size=batch_size,
     resize=default_resize if resize is None else resize,
     want_latents=want_latents,
+    num_devices=num_devices,
     progress=progress,
     desc=f"tokens {description}",
   ):
