@@ -378,3 +378,17 @@ def test_probe_fit_is_deterministic_and_jittable():
   np.testing.assert_array_equal(a.w, b.w)
   assert jnp.asarray(a.logits(x)).shape == (30, 2)
   assert np.mean(a.predict(x) == y) > 0.9
+
+
+def test_make_sample_data(tmp_path):
+  """experiments/make_sample_data.py writes the README's sample folders without a download
+  (synthetic kinds, and the scikit-image photos resized and cropped to --size)."""
+  pytest.importorskip("skimage")
+  rc = _script("make_sample_data").main(["--out", str(tmp_path), "--per-kind", "1", "--size", "32"])
+  assert rc == 0
+  assert len(list((tmp_path / "synthetic").rglob("*.png"))) == len(synthetic.KINDS)
+  photos = list((tmp_path / "photos").glob("*.png"))
+  assert photos
+  from PIL import Image
+
+  assert all(Image.open(p).size == (32, 32) for p in photos)
