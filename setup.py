@@ -27,6 +27,15 @@ EXTRAS = {
         "tensorboardX",
         "scipy",
     ],
+    # Evaluation and experiments (alit_jax.evaluate, experiments/): grain/TFDS sources, plots,
+    # Spearman / Mann-Whitney / sqrtm; scikit-image only for experiments/make_sample_data.py.
+    "eval": [
+        "tensorflow-datasets",
+        "grain",
+        "scipy",
+        "matplotlib",
+        "scikit-image",
+    ],
     # torch is only used by tests that compare against plain-torch networks; the 2.13.0 CPU
     # wheel is taken from local disk on the project machines (a plain `torch` pulls CUDA).
     "test": [

@@ -303,29 +303,15 @@ def lpips_from_torchvision(
 
 
 def _read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
-  """Reads a flat state dict of numpy arrays from a .pth or .npz file."""
+  """Reads a flat state dict of numpy arrays from .pth / .safetensors / .npz (no torch needed)."""
   path = os.fspath(path)
   if path.endswith(".npz"):
-    with np.load(path) as z:
-      return {k: z[k] for k in z.files}
-  try:
-    from alit_jax.convert.pth import load_state_dict  # torch-free reader, when present.
-  except ImportError:
-    load_state_dict = None
-  if load_state_dict is not None:
-    return load_state_dict(path)
-  # TODO: drop this fallback once alit_jax.convert.pth is merged.
-  try:
-    import torch
-  except ImportError as e:
-    raise ImportError(
-      f"{path}: reading .pth files needs alit_jax.convert.pth or torch; convert the file to "
-      ".npz (numpy arrays keyed like the state dict) instead"
-    ) from e
-  sd = torch.load(path, map_location="cpu", weights_only=True)
-  if not isinstance(sd, Mapping):
-    raise ValueError(f"{path}: expected a state dict, got {type(sd).__name__}")
-  return {k: v.detach().cpu().numpy() for k, v in sd.items()}
+    with np.load(path) as f:
+      return {k: f[k] for k in f.files}
+  from alit_jax.convert import pth
+
+  state_dict, _ = pth.load_state_dict(path)
+  return {k: np.asarray(v) for k, v in state_dict.items()}
 
 
 def load_lpips(

@@ -334,32 +334,16 @@ def _missing_weights_message(path: Any) -> str:
   )
 
 
-def _read_state_dict(path: str) -> dict[str, np.ndarray]:
-  """Reads a flat state dict from .npz, or from .pth with torch.
-
-  TODO: switch the .pth branch to ``alit_jax.convert.pth.load_state_dict`` (torch-free) once it
-  is on main; until then it is used when importable and torch is the fallback.
-  """
+def _read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
+  """Reads a flat state dict of numpy arrays from .pth / .safetensors / .npz (no torch needed)."""
+  path = os.fspath(path)
   if path.endswith(".npz"):
     with np.load(path) as f:
       return {k: f[k] for k in f.files}
-  try:
-    from alit_jax.convert import pth  # torch-free reader, written on another branch
-  except ImportError:
-    pth = None
-  if pth is not None:
-    return {k: np.asarray(v) for k, v in pth.load_state_dict(path).items()}
-  try:
-    import torch
-  except ImportError as e:
-    raise ImportError(
-      f"{path}: reading a .pth file needs torch here; install torch or convert the file to .npz "
-      "(np.savez(out, **{k: v.numpy() for k, v in torch.load(path).items()}))"
-    ) from e
-  sd = torch.load(path, map_location="cpu", weights_only=True)
-  if not isinstance(sd, Mapping):
-    raise ValueError(f"{path}: expected a state dict, got {type(sd).__name__}")
-  return {k: v.detach().cpu().numpy() for k, v in sd.items()}
+  from alit_jax.convert import pth
+
+  state_dict, _ = pth.load_state_dict(path)
+  return {k: np.asarray(v) for k, v in state_dict.items()}
 
 
 def load_inception(path: str | os.PathLike | None = None) -> dict[str, Any]:
