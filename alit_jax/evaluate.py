@@ -72,7 +72,6 @@ from alit_jax.models import rollout as rollout_lib
 Quantize = Literal["floor", "round", "none"]
 METRICS = ("l1", "mse", "psnr", "ssim", "lpips", "rfid")
 USAGE = ("usage_1d", "perplexity_1d", "usage_2d", "perplexity_2d")
-CHECKPOINT_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".safetensors", ".npz")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -80,33 +79,10 @@ CHECKPOINT_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".safetensors", ".npz")
 
 
 def load_tokenizer(checkpoint: str | os.PathLike, num_heads: int | None = None, **kwargs):
-  """A `Tokenizer` from any checkpoint form the command lines accept.
-
-  Args:
-    checkpoint: "demo", a pretrained directory (convert / save_pretrained / training workdir),
-      or an official PyTorch checkpoint file (.pth, .safetensors, .npz, ...).
-    num_heads: attention heads of a PyTorch checkpoint (None: the reference factory's value).
-    **kwargs: passed to the `Tokenizer` constructor.
-  """
+  """A `Tokenizer` from any checkpoint form the command lines accept (see `Tokenizer.load`)."""
   from alit_jax.tokenizer import Tokenizer
 
-  text = os.fspath(checkpoint)
-  if text == "demo":
-    return Tokenizer.from_pretrained("demo", **kwargs)
-  path = pathlib.Path(text).expanduser()
-  if path.is_dir():
-    return Tokenizer.from_pretrained(path, **kwargs)
-  if path.is_file():
-    if path.suffix.lower() not in CHECKPOINT_SUFFIXES:
-      raise ValueError(
-        f"{path}: not a checkpoint file (expected one of {', '.join(CHECKPOINT_SUFFIXES)}) "
-        "or a pretrained directory"
-      )
-    return Tokenizer.from_pytorch(path, num_heads=num_heads, **kwargs)
-  raise FileNotFoundError(
-    f"{path}: no such checkpoint; pass 'demo', a directory written by `python -m "
-    "alit_jax.convert` / `save_pretrained` / training, or a PyTorch .pth file"
-  )
+  return Tokenizer.load(checkpoint, num_heads=num_heads, **kwargs)
 
 
 def resolve_source(

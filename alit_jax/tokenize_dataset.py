@@ -986,10 +986,7 @@ def main(argv: list[str] | None = None) -> int:
   ckpt = args.checkpoint
   mesh = local_mesh()
   try:
-    if os.path.isfile(ckpt):
-      tok = Tokenizer.from_pytorch(ckpt, num_heads=args.num_heads, mesh=mesh)
-    else:
-      tok = Tokenizer.from_pretrained(ckpt, mesh=mesh)
+    tok = Tokenizer.load(ckpt, num_heads=args.num_heads, mesh=mesh)
     result = tokenize_dataset(
       tok,
       args.out,

@@ -45,6 +45,7 @@ from alit_jax.models.base_tokenizers import VAE, VQGAN, build_base
 from alit_jax.models.configs import ModelConfig
 
 DEMO_DIR = pathlib.Path(__file__).resolve().parent / "assets" / "demo"
+CHECKPOINT_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".safetensors", ".npz")
 DEFAULT_IMPL: Literal["scan", "unrolled"] = "scan"
 
 
@@ -234,12 +235,32 @@ class Tokenizer:
     return cls(config, variables, meta=meta, **kwargs)
 
   @classmethod
-  def load(cls, spec: str | os.PathLike, num_heads: int | None = None, **kwargs) -> Tokenizer:
-    """`demo`, a pretrained/training directory, or a PyTorch checkpoint file (.pth/.ckpt/...)."""
-    p = pathlib.Path(spec)
-    if os.fspath(spec) != "demo" and p.is_file():
-      return cls.from_pytorch(p, num_heads=num_heads, **kwargs)
-    return cls.from_pretrained(spec, **kwargs)
+  def load(cls, checkpoint: str | os.PathLike, num_heads: int | None = None, **kwargs) -> Tokenizer:
+    """A tokenizer from any checkpoint form the command lines accept.
+
+    Args:
+      checkpoint: "demo", a pretrained directory (convert / save_pretrained / training workdir),
+        or an official PyTorch checkpoint file (.pth, .pt, .ckpt, .bin, .safetensors, .npz).
+      num_heads: attention heads of a PyTorch checkpoint (None: the reference factory's value).
+      **kwargs: passed to the constructor.
+    """
+    text = os.fspath(checkpoint)
+    if text == "demo":
+      return cls.from_pretrained("demo", **kwargs)
+    path = pathlib.Path(text).expanduser()
+    if path.is_dir():
+      return cls.from_pretrained(path, **kwargs)
+    if path.is_file():
+      if path.suffix.lower() not in CHECKPOINT_SUFFIXES:
+        raise ValueError(
+          f"{path}: not a checkpoint file (expected one of {', '.join(CHECKPOINT_SUFFIXES)}) "
+          "or a pretrained directory"
+        )
+      return cls.from_pytorch(path, num_heads=num_heads, **kwargs)
+    raise FileNotFoundError(
+      f"{path}: no such checkpoint; pass 'demo', a directory written by `python -m "
+      "alit_jax.convert` / `save_pretrained` / training, or a PyTorch .pth file"
+    )
 
   def save_pretrained(self, path: str | os.PathLike, *, overwrite: bool = False) -> pathlib.Path:
     """Writes config.json + Orbax params (atomically)."""
