@@ -97,7 +97,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   c.compute_dtype = "bfloat16"  # the reference trains under autocast; params stay float32
   c.matmul_precision = "default"
-  c.rollout_impl = "scan"
+  # "unrolled" (the reference's growing sequence) does ~22% less arithmetic than "scan" (fixed
+  # 513-token buffer) and needs less memory, but compiles ~4x longer; loss_iters > 0 needs scan.
+  c.rollout_impl = "unrolled"
 
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))  # -1: all remaining devices
   # (regex on the parameter path, "fsdp" | "replicate" | PartitionSpec tuple); first match wins.
@@ -126,6 +128,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.lr = 1e-3
     c.ema.decay = 0.9
     c.compute_dtype = "float32"
+    c.rollout_impl = "scan"  # compiles fast
     c.log_every_steps = 10
     del c.image_summary_every_epochs, c.checkpoint_every_epochs, c.keep_every_epochs
     c.image_summary_every_steps = 25

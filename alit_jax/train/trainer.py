@@ -562,6 +562,17 @@ def stage1_spec(
   threshold = config.loss.halting_threshold
   if threshold is None:
     threshold = model_config.alit.halting_threshold
+  n = model_config.alit.max_rollout_iters
+  if config.rollout_impl == "unrolled" and 0 < config.loss.loss_iters < n:
+    raise ValueError(
+      f"config.loss.loss_iters={config.loss.loss_iters} draws the loss iterations inside the "
+      "jitted step, which needs config.rollout_impl='scan' (the unrolled rollout needs a "
+      "concrete iteration mask)"
+    )
+  if config.rollout_impl not in ("scan", "unrolled"):
+    raise ValueError(
+      f"config.rollout_impl must be 'scan' or 'unrolled', got {config.rollout_impl!r}"
+    )
   return steps.Stage1Spec(
     halting=rollout_lib.Halting(
       config.loss.halting, float(threshold), bool(config.loss.vae_masking)
