@@ -10,6 +10,35 @@ import numpy as np
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
 
+def to_rgb(im: Any) -> Any:
+  """A PIL image -> 8-bit RGB, scaling high-bit-depth modes instead of clipping them.
+
+  `Image.convert("RGB")` (what torchvision's loader does) clips 16-bit ("I;16*", "I") and float
+  ("F") grayscale images at 255, which turns most 16-bit photos white. Here 16-bit data is scaled
+  by 255/65535; "I" images whose values exceed 255 are taken as 16-bit (values are clipped to
+  [0, 65535]), others as 8-bit; "F" images in [0, 1] are scaled by 255, others clipped to
+  [0, 255]. Every other mode (L, P, LA, RGBA, CMYK, YCbCr, 1, ...) goes through `convert("RGB")`
+  (alpha is dropped, as in the reference's loader).
+  """
+  from PIL import Image
+
+  mode = im.mode
+  if mode.startswith("I;16") or mode in ("I", "F"):
+    a = np.asarray(im)
+    if mode == "F":
+      a = a.astype(np.float64)
+      a = a * 255.0 if np.nanmax(a, initial=0.0) <= 1.0 else a
+    else:
+      a = a.astype(np.float64)
+      if mode.startswith("I;16") or np.max(a, initial=0) > 255:
+        a = np.clip(a, 0, 65535) * (255.0 / 65535.0)
+    a = np.nan_to_num(np.clip(np.round(a), 0, 255)).astype(np.uint8)
+    return Image.fromarray(a, "L").convert("RGB")
+  if mode == "RGB":
+    return im
+  return im.convert("RGB")
+
+
 def as_batch(images: Any, image_size: int) -> np.ndarray | Any:
   """Validates images and returns a float32 (B, S, S, 3) batch in [0, 1].
 
@@ -76,7 +105,7 @@ def load_image(path: str | os.PathLike, size: int) -> np.ndarray:
 
   try:
     with Image.open(path) as im:
-      im = im.convert("RGB")
+      im = to_rgb(im)
       w, h = im.size
       scale = size / min(w, h)
       nw, nh = max(size, round(w * scale)), max(size, round(h * scale))

@@ -231,6 +231,12 @@ class Tokenizer:
     path = pathlib.Path(path)
     if not path.exists():
       raise FileNotFoundError(f"{path}: no such directory")
+    if not (path / checkpoint.CONFIG_FILE).is_file():
+      from alit_jax.train import export
+
+      if export.is_workdir(path):
+        config, variables, meta = export.load_workdir(path)
+        return cls(config, variables, meta=meta, **kwargs)
     config, variables, meta = checkpoint.load_pretrained(path)
     return cls(config, variables, meta=meta, **kwargs)
 

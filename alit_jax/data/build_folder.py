@@ -12,11 +12,12 @@ Without split folders everything goes to `train`, and `--val-fraction F` moves a
 per-class fraction to `validation`.
 
 Features: `image` (the file's encoded bytes as stored for RGB JPEG/PNG; other formats and
-non-RGB modes are converted to RGB and re-encoded as PNG), `label` (ClassLabel with the class
-names), `file_name` (path relative to SRC, or to the split folder). Every image is fully decoded
-once; unreadable/corrupt files are skipped, and they, non-image files and files outside class
-folders are listed with the reason in `build_report.json` in the dataset folder
-(DIR/NAME/1.0.0/). Read it back with `tfds.data_source(NAME, data_dir=DIR, split=...)` or
+non-RGB modes are converted to RGB (16-bit scaled to 8 bits, alpha dropped) and re-encoded as
+PNG), `label` (ClassLabel with the class names), `file_name` (path relative to SRC, or to the
+split folder). Every image is fully decoded once; unreadable/corrupt files are skipped, and
+they, non-image files and files outside class folders are listed with the reason in
+`build_report.json` in the dataset folder (DIR/NAME/1.0.0/). Read it back with
+`tfds.data_source(NAME, data_dir=DIR, split=...)` or
 `alit_jax.data.sources.get_source("folder:DIR/NAME", split)`.
 """
 
@@ -34,6 +35,8 @@ import sys
 
 import numpy as np
 from PIL import Image
+
+from alit_jax.images import to_rgb
 
 DATASET_VERSION = "1.0.0"
 REPORT_NAME = "build_report.json"
@@ -114,7 +117,7 @@ def _image_bytes(item: _Item, reencode: bool) -> bytes:
   if not reencode:
     return item.path.read_bytes()
   with Image.open(item.path) as im:
-    rgb = im.convert("RGB")
+    rgb = to_rgb(im)
   buf = io.BytesIO()
   rgb.save(buf, format="PNG")
   return buf.getvalue()

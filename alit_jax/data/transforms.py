@@ -31,6 +31,8 @@ import numpy as np
 from absl import logging
 from PIL import Image
 
+from alit_jax.images import to_rgb
+
 _INTERPOLATIONS = {
   "nearest": Image.Resampling.NEAREST,
   "bilinear": Image.Resampling.BILINEAR,
@@ -75,7 +77,8 @@ def decode_image(data) -> Image.Image:
 
   Returns:
     A loaded PIL image in mode RGB (grayscale/CMYK/palette/RGBA converted like torchvision's
-    `ImageFolder` loader, i.e. `Image.convert("RGB")`).
+    `ImageFolder` loader, i.e. `Image.convert("RGB")`; 16-bit and float images are scaled to 8
+    bits rather than clipped, see `alit_jax.images.to_rgb`).
 
   Raises:
     ValueError: the data is not a decodable image (the message says why).
@@ -95,7 +98,7 @@ def decode_image(data) -> Image.Image:
   try:
     with Image.open(io.BytesIO(data)) as im:
       im.load()
-      return im.convert("RGB")
+      return to_rgb(im)
   except Exception as e:  # PIL raises many types (OSError, SyntaxError, ...) for bad data.
     raise ValueError(f"cannot decode image: {type(e).__name__}: {e}") from e
 

@@ -1,0 +1,209 @@
+"""Pure, jit-able training steps and their PRNG streams.
+
+Every function here is a pure function of arrays plus static (hashable) settings passed as
+trailing positional arguments (`static_argnums`): the trainer jits them with explicit shardings
+and donates the train state.
+Nothing reads host randomness, global state or blocks on device values.
+
+Train state (a plain dict, so stage 2 can add entries such as `disc_params`/`disc_opt_state`
+or a trainable base without changing this layout):
+
+    {"step": int32 (), "params": ALIT variables' "params", "opt_state": optax state,
+     "ema_params": same tree as params}
+
+The frozen base tokenizer's variables are a separate argument (never differentiated, never in
+the optimizer).
+
+Randomness: one seed -> root key; each use has a named stream, and per-step keys are
+`fold_in(fold_in(root, STREAMS[name]), step)`, so a resumed run draws exactly the numbers the
+uninterrupted run would have drawn.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from alit_jax.models import rollout as rollout_lib
+from alit_jax.models.alit import ALIT
+from alit_jax.models.base_tokenizers import VAE, VQGAN
+from alit_jax.train import losses, optim
+
+STREAMS = {"params": 0, "halting": 1, "grad_iters": 2, "data": 3, "summary": 4}
+HPARAM_KEYS = ("lr", "min_lr", "warmup_steps", "total_steps", "ema_decay", "steps_per_epoch")
+
+
+def stream_key(root: jax.Array, name: str, step: jax.Array | int | None = None) -> jax.Array:
+  """`fold_in(root, STREAMS[name])`, folded again with `step` when given."""
+  key = jax.random.fold_in(root, STREAMS[name])
+  return key if step is None else jax.random.fold_in(key, step)
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage1Spec:
+  """Static settings of the stage-1 step (hashable: part of the jit cache key).
+
+  Attributes:
+    halting: dynamic halting during training (the reference samples it: mode "sample").
+    loss_iters: > 0: the loss is taken at that many random iterations per step (the
+      reference's `sample_grad_iters`); otherwise at every iteration.
+    lam: per-iteration weights of the main loss term.
+    impl: rollout implementation ("scan" or "unrolled").
+    optimizer: clipping/AdamW settings.
+    ema_reset_every_epoch: copy the params into the EMA at the first step of every epoch.
+  """
+
+  halting: rollout_lib.Halting = rollout_lib.Halting("sample", 0.55)
+  loss_iters: int = -1
+  lam: tuple[float, ...] = losses.LAMBDA
+  impl: str = "scan"
+  optimizer: optim.OptimizerSpec = optim.OptimizerSpec()
+  ema_reset_every_epoch: bool = True
+
+
+def hparams(**values: float) -> dict[str, jax.Array]:
+  """The traced hyper-parameters of `train_step` (changing them does not recompile)."""
+  missing = set(HPARAM_KEYS) - set(values)
+  extra = set(values) - set(HPARAM_KEYS)
+  if missing or extra:
+    raise ValueError(f"hparams: missing {sorted(missing)}, unknown {sorted(extra)}")
+  return {k: jnp.float32(values[k]) for k in HPARAM_KEYS}
+
+
+def init_params(model: ALIT, rng: jax.Array) -> Any:
+  """Fresh ALIT params (reference initialisation scales), float32."""
+  c = model.config
+  images = jnp.zeros((1, c.image_size, c.image_size, 3), jnp.float32)
+  feats = jnp.zeros((1, c.grid_size, c.grid_size, c.base_embed_dim), jnp.float32)
+  return model.init(rng, images, feats)["params"]
+
+
+def create_train_state(rng: jax.Array, model: ALIT, spec: Stage1Spec) -> dict[str, Any]:
+  """A fresh train state; params from the `params` stream of the root key `rng`."""
+  return init_train_state(init_params(model, stream_key(rng, "params")), spec)
+
+
+def init_train_state(params: Any, spec: Stage1Spec) -> dict[str, Any]:
+  """Step 0 state; the EMA starts as a copy of the params (the reference's deepcopy)."""
+  # A schedule (not a constant) so the state has the same structure as in `train_step`.
+  tx = optim.make_optimizer(spec.optimizer, lambda count: jnp.float32(0.0))
+  return {
+    "step": jnp.zeros((), jnp.int32),
+    "params": params,
+    "opt_state": tx.init(params),
+    "ema_params": jax.tree.map(jnp.array, params),
+  }
+
+
+def to_float(images: jax.Array) -> jax.Array:
+  """uint8 -> float32 in [0, 1] (division, bit-identical to torchvision's ToTensor)."""
+  if images.dtype == jnp.uint8:
+    return images.astype(jnp.float32) / jnp.float32(255.0)
+  return images.astype(jnp.float32)
+
+
+def train_step(
+  state: dict[str, Any],
+  base_vars: Any,
+  images: jax.Array,
+  hp: dict[str, jax.Array],
+  seed: jax.Array,
+  model: ALIT,
+  base: VQGAN | VAE,
+  spec: Stage1Spec,
+) -> tuple[dict[str, Any], dict[str, jax.Array]]:
+  """One stage-1 update: frozen base encoder -> ALIT rollout loss -> clip -> AdamW -> EMA.
+
+  Args:
+    state: the train state (donated by the trainer).
+    base_vars: frozen base-tokenizer variables.
+    images: (B, H, W, 3) uint8 (or float in [0, 1]), the global batch.
+    hp: `hparams(...)` scalars (peak lr, min lr, warm-up/total steps, EMA decay, steps/epoch).
+    seed: uint32 scalar, the run's seed (root key = `jax.random.key(seed)`).
+    model, base: the ALIT and base modules (static).
+    spec: static settings.
+
+  Returns:
+    (new state, metrics): `loss`, `grad_norm` (before clipping), `lr`, `finite` (loss and
+    gradient norm finite), and per-iteration (N,) `nll_loss`/`code_loss`/`quantization_loss`/
+    `commitment_loss`/`codebook_loss`/`masked_fraction`/`loss_iters` (zeros where skipped).
+  """
+  step = state["step"]
+  root_key = jax.random.key(seed)
+  x = to_float(images)
+  base_out = jax.lax.stop_gradient(rollout_lib.base_encode(base, base_vars, x))
+  n = model.config.max_rollout_iters
+  loss_iters = None
+  if 0 < spec.loss_iters < n:
+    loss_iters = losses.sample_loss_iters(
+      stream_key(root_key, "grad_iters", step), n, spec.loss_iters
+    )
+  halt_key = stream_key(root_key, "halting", step) if spec.halting.mode == "sample" else None
+
+  def loss_fn(params):
+    return losses.stage1_loss(
+      model,
+      {"params": params},
+      x,
+      base_out,
+      halting=spec.halting,
+      rng=halt_key,
+      loss_iters=loss_iters,
+      lam=spec.lam,
+      impl=spec.impl,
+    )
+
+  (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+  grad_norm = optax.tree.norm(grads)
+  lr = optim.lr_schedule(step, hp)
+  tx = optim.make_optimizer(spec.optimizer, lambda count: optim.lr_schedule(count, hp))
+  updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+  params = optax.apply_updates(state["params"], updates)
+  spe = jnp.maximum(hp["steps_per_epoch"].astype(jnp.int32), 1)
+  reset = jnp.logical_and(spec.ema_reset_every_epoch, step % spe == 0)
+  ema = optim.ema_update(state["ema_params"], state["params"], params, hp["ema_decay"], reset)
+  new_state = dict(state)
+  new_state.update(step=step + 1, params=params, opt_state=opt_state, ema_params=ema)
+  metrics = dict(metrics)
+  metrics.update(
+    loss=loss,
+    grad_norm=grad_norm,
+    lr=lr,
+    finite=jnp.isfinite(loss) & jnp.isfinite(grad_norm),
+  )
+  return new_state, metrics
+
+
+def reconstruct(
+  params: Any,
+  base_vars: Any,
+  images: jax.Array,
+  seed: jax.Array,
+  step: jax.Array,
+  model: ALIT,
+  base: VQGAN | VAE,
+  halting: rollout_lib.Halting,
+  impl: str,
+  num_images: int,
+) -> dict[str, jax.Array]:
+  """Reconstructions at every rollout iteration of the first `num_images` images (summaries).
+
+  Returns:
+    `images` (n, H, W, 3) and `reconstructions` (N, n, H, W, 3), float32 clipped to [0, 1].
+  """
+  x = to_float(images[:num_images])
+  key = stream_key(jax.random.key(seed), "summary", step) if halting.mode == "sample" else None
+  out = rollout_lib.full_rollout(
+    model,
+    base,
+    {"alit": {"params": params}, "base": base_vars},
+    x,
+    halting=halting,
+    rng=key,
+    impl=impl,
+  )
+  return {"images": x, "reconstructions": jnp.clip(out["reconstructions"], 0.0, 1.0)}
