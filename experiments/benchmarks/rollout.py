@@ -40,15 +40,30 @@ def make_config(name: str) -> ModelConfig:
   if name == "medium":
     c = named_config("alit_small", "vqgan")
     a = dataclasses.replace(
-      c.alit, encoder_width=512, decoder_width=512, encoder_layers=4, decoder_layers=4,
-      encoder_heads=8, decoder_heads=8,
+      c.alit,
+      encoder_width=512,
+      decoder_width=512,
+      encoder_layers=4,
+      decoder_layers=4,
+      encoder_heads=8,
+      decoder_heads=8,
     )
     return ModelConfig(alit=a, base=c.base, name="medium_vqgan")
   if name == "tiny":
-    base = VQGANConfig(ch=32, ch_mult=(1, 1, 1, 1, 2), num_res_blocks=2, z_channels=32, embed_dim=32, n_embed=64)
+    base = VQGANConfig(
+      ch=32, ch_mult=(1, 1, 1, 1, 2), num_res_blocks=2, z_channels=32, embed_dim=32, n_embed=64
+    )
     a = ALITConfig(
-      base="vqgan", base_embed_dim=32, base_codebook_size=64, encoder_width=64, encoder_layers=2,
-      encoder_heads=4, decoder_width=64, decoder_layers=2, decoder_heads=4, codebook_size=128,
+      base="vqgan",
+      base_embed_dim=32,
+      base_codebook_size=64,
+      encoder_width=64,
+      encoder_layers=2,
+      encoder_heads=4,
+      decoder_width=64,
+      decoder_layers=2,
+      decoder_heads=4,
+      codebook_size=128,
       token_dim=12,
     )
     return ModelConfig(alit=a, base=base, name="tiny_vqgan")
@@ -72,7 +87,9 @@ def bench(config_name: str, batch: int, repeats: int, what: list[str]) -> list[d
   cfg = make_config(config_name)
   tok = Tokenizer.random(cfg, seed=0)
   rng = np.random.default_rng(0)
-  images = jnp.asarray(rng.uniform(0, 1, (batch, cfg.alit.image_size, cfg.alit.image_size, 3)), jnp.float32)
+  images = jnp.asarray(
+    rng.uniform(0, 1, (batch, cfg.alit.image_size, cfg.alit.image_size, 3)), jnp.float32
+  )
   rows = []
   cases = {
     "rollout_scan": lambda: tok.rollout(images, impl="scan")["reconstructions"],
@@ -82,11 +99,20 @@ def bench(config_name: str, batch: int, repeats: int, what: list[str]) -> list[d
   }
   for name in what:
     first, med = _time(cases[name], repeats)
-    rows.append({
-      "config": config_name, "batch": batch, "case": name, "first_call_s": round(first, 3),
-      "median_s": round(med, 4), "images_per_s": round(batch / med, 3),
-    })
-    print(f"  {config_name:>10} b{batch:<3} {name:<18} first {first:8.2f}s  median {med:8.3f}s  {batch / med:8.2f} img/s", flush=True)
+    rows.append(
+      {
+        "config": config_name,
+        "batch": batch,
+        "case": name,
+        "first_call_s": round(first, 3),
+        "median_s": round(med, 4),
+        "images_per_s": round(batch / med, 3),
+      }
+    )
+    print(
+      f"  {config_name:>10} b{batch:<3} {name:<18} first {first:8.2f}s  median {med:8.3f}s  {batch / med:8.2f} img/s",
+      flush=True,
+    )
   return rows
 
 
@@ -95,13 +121,19 @@ def main():
   p.add_argument("--configs", default="tiny,medium,alit_small")
   p.add_argument("--batches", default="1,8")
   p.add_argument("--repeats", type=int, default=3)
-  p.add_argument("--cases", default="rollout_scan,rollout_unrolled,encode_all_iters,encode_exit_at_32")
+  p.add_argument(
+    "--cases", default="rollout_scan,rollout_unrolled,encode_all_iters,encode_exit_at_32"
+  )
   p.add_argument("--out", default=None)
   a = p.parse_args()
   dev = jax.devices()[0]
   env = {
-    "platform": dev.platform, "device": getattr(dev, "device_kind", str(dev)), "jax": jax.__version__,
-    "cpu_count": os.cpu_count(), "machine": platform.machine(), "dtype": "float32",
+    "platform": dev.platform,
+    "device": getattr(dev, "device_kind", str(dev)),
+    "jax": jax.__version__,
+    "cpu_count": os.cpu_count(),
+    "machine": platform.machine(),
+    "dtype": "float32",
   }
   print(f"device: {env}")
   rows = []
@@ -109,9 +141,13 @@ def main():
     for c in a.configs.split(","):
       for b in [int(v) for v in a.batches.split(",")]:
         rows += bench(c, b, a.repeats, a.cases.split(","))
-  print("\n| config | batch | case | compile+first (s) | median (s) | images/s |\n|---|---|---|---|---|---|")
+  print(
+    "\n| config | batch | case | compile+first (s) | median (s) | images/s |\n|---|---|---|---|---|---|"
+  )
   for r in rows:
-    print(f"| {r['config']} | {r['batch']} | {r['case']} | {r['first_call_s']} | {r['median_s']} | {r['images_per_s']} |")
+    print(
+      f"| {r['config']} | {r['batch']} | {r['case']} | {r['first_call_s']} | {r['median_s']} | {r['images_per_s']} |"
+    )
   out = pathlib.Path(a.out or f"experiments/benchmarks/results/rollout_{env['platform']}.json")
   out.parent.mkdir(parents=True, exist_ok=True)
   out.write_text(json.dumps({"env": env, "rows": rows}, indent=2))
