@@ -14,6 +14,7 @@ Specs:
   folder:PATH             a dataset built by `python -m alit_jax.data.build_folder` (PATH = its
                           data_dir, its NAME folder or its version folder); `folder` alone uses
                           data_dir as PATH.
+  demo[:k=v,...]          offline demo-model data: photo crops + procedural images (`demo_data.py`)
   synthetic[:k=v,...]     procedural images (`synthetic.py`); options num_examples, image_size,
                           seed. The validation/test splits use different seeds than train.
   NAME                    any other TFDS dataset prepared as array_record in data_dir (with an
@@ -357,6 +358,27 @@ def get_source(spec: str, split: str = "train", data_dir: str | None = None, **o
     size = tuple(size) if isinstance(size, list | tuple) else int(size)
     return synthetic_lib.SyntheticSource(
       int(opts["num_examples"]), size, _split_seed(int(opts["seed"]), split)
+    )
+
+  if name == "demo":
+    from alit_jax.data import demo_data
+
+    opts = {
+      "num_examples": 100_000 if split.startswith("train") else 512,
+      "image_size": 64,
+      "seed": 0,
+    }
+    opts.update(_parse_options(arg))
+    opts.update(options)
+    unknown = set(opts) - {"num_examples", "image_size", "seed", "photo_fraction"}
+    if unknown:
+      raise ValueError(f"unknown demo options {sorted(unknown)}")
+    return demo_data.DemoSource(
+      int(opts["num_examples"]),
+      int(opts["image_size"]),
+      int(opts["seed"]),
+      "train" if split.startswith("train") else "validation",
+      float(opts.get("photo_fraction", 0.5)),
     )
 
   if name == "folder":
