@@ -49,7 +49,7 @@ def _package_file(package: str, *parts: str) -> str | None:
   return path if os.path.isfile(path) else None
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def photo_pool() -> dict[str, np.ndarray]:
   """name -> (H, W, 3) uint8 for every photo available offline (cached per process)."""
   from PIL import Image
