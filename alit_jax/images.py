@@ -39,6 +39,9 @@ def to_rgb(im: Any) -> Any:
   return im.convert("RGB")
 
 
+_UINT8_TO_UNIT = np.arange(256, dtype=np.float32) / np.float32(255.0)
+
+
 def as_batch(images: Any, image_size: int) -> np.ndarray | Any:
   """Validates images and returns a float32 (B, S, S, 3) batch in [0, 1].
 
@@ -76,7 +79,11 @@ def as_batch(images: Any, image_size: int) -> np.ndarray | Any:
     raise ValueError("images is an empty batch")
   dtype = np.dtype(images.dtype)
   if dtype == np.uint8:
-    return images.astype(xp.float32) / 255.0
+    if is_jax:
+      # XLA's CPU division by a constant is not correctly rounded (126 of the 256 values differ
+      # from numpy's x / 255 in the last bit); a table lookup gives identical values anywhere.
+      return jnp.asarray(_UINT8_TO_UNIT)[images.astype(jnp.int32)]
+    return images.astype(np.float32) / 255.0
   if not np.issubdtype(dtype, np.floating):
     raise ValueError(f"images must be float in [0, 1] or uint8, got dtype {dtype}")
   images = images.astype(xp.float32)
