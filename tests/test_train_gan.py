@@ -652,3 +652,47 @@ def test_configs_build_specs_and_reference_schedule():
   c.model.ch = 48
   with pytest.raises(ValueError, match="multiples of 32"):
     gan_stage.vqgan_model_config(c.model)
+
+
+def test_init_from_stage1_and_stage2_workdirs(ft_run, tmp_path):
+  """`init_from` a stage-1 workdir takes its EMA ALIT weights and its base tokenizer copy (fresh
+  discriminators); from a stage-2 workdir, its EMA ALIT + base weights and its discriminators
+  with their BatchNorm statistics. A different config.model is refused.
+
+  Fails if stage 2 starts from the raw params instead of the EMA, from the wrong base, or drops
+  a previous stage-2 run's discriminators.
+  """
+  mc = model_configs.tiny_config()
+  rng = np.random.default_rng(1)
+  variables = _numpy_variables(alit_checkpoint.abstract_variables(mc), rng)
+  s1 = tmp_path / "s1"
+  s1.mkdir()
+  checkpoints.write_json_atomic(
+    s1 / checkpoints.MODEL_CONFIG,
+    {"model": json.loads(mc.to_json()), "meta": {"stage": "latent_distillation"}},
+  )
+  checkpoint.save_base(s1 / checkpoints.BASE_DIR, mc.base, variables["base"])
+  raw = jax.tree.map(np.zeros_like, variables["alit"]["params"])
+  ckpt = checkpoints.TrainCheckpointer(s1, async_save=False)
+  ckpt.save(5, {"params": raw, "ema_params": variables["alit"]["params"]}, None)
+  ckpt.close()
+  out = trainer.train_and_evaluate(_ft_config(init_from=str(s1), total_steps=0), tmp_path / "a")
+  want = _leaves({"alit": variables["alit"]["params"], "base": variables["base"]["params"]})
+  for k, v in _leaves(out["state"]["params"]).items():
+    np.testing.assert_array_equal(v, want[k], err_msg=k)
+
+  workdir, result = ft_run
+  out = trainer.train_and_evaluate(
+    _ft_config(init_from=str(workdir), total_steps=0), tmp_path / "b"
+  )
+  want = _leaves(result["state"]["ema_params"])
+  for k, v in _leaves(out["state"]["params"]).items():
+    np.testing.assert_array_equal(v, want[k], err_msg=k)
+  for part in ("disc_params", "disc_batch_stats"):
+    want = _leaves(result["state"][part])
+    for k, v in _leaves(out["state"][part]).items():
+      np.testing.assert_array_equal(v, want[k], err_msg=f"{part} {k}")
+  with pytest.raises(ValueError, match="differs from config.model"):
+    trainer.train_and_evaluate(
+      _ft_config(init_from=str(workdir), total_steps=0, **{"model.test.width": 32}), tmp_path / "c"
+    )
