@@ -17,6 +17,14 @@ Continuous latents on the KL-16 VAE:
   python -m alit_jax.train --config=configs/alit_pretrain.py:variant=small,base=vae,quantized=False \
     --config.base_checkpoint=/ckpts/kl16_jax --workdir=/runs/alit_small_vae
 
+Small images, e.g. 64x64 with patch 4 over a small VQGAN trained with `configs/vqgan_train.py`
+(exported with `python -m alit_jax.train.export VQGAN_WORKDIR --out /ckpts/vqgan_demo`; ALIT's
+base-dependent sizes follow the base tokenizer):
+
+  python -m alit_jax.train --config=configs/alit_pretrain.py:variant=tiny \
+    --config.model.image_size=64 --config.model.patch_size=4 \
+    --config.base_checkpoint=/ckpts/vqgan_demo --workdir=/runs/alit_tiny_64
+
 Quick check on CPU (a tiny model on generated images, random frozen base, no dataset, ~1 min):
 
   python -m alit_jax.train --config=configs/alit_pretrain.py:runlocal --workdir=/tmp/alit_runlocal
@@ -58,6 +66,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model.test = ml_collections.ConfigDict(
     dict(image_size=64, width=64, layers=1, heads=2, tokens=4, iterations=3)
   )
+  # Input size and patch size (None: the preset's 256 / 16, or model.test's). The base
+  # tokenizer's downsampling must equal the patch size: e.g. 64x64 images with patch 4 over a
+  # VQGAN from `configs/vqgan_train.py:variant=demo` (4x downsampling, a 16x16 grid).
+  c.model.image_size = config_dict.placeholder(int)
+  c.model.patch_size = config_dict.placeholder(int)
   # Converted base tokenizer dir (`python -m alit_jax.convert BASE.ckpt --out DIR`), frozen.
   c.base_checkpoint = ""
   c.random_base = False  # a randomly initialised frozen base (tests and runlocal only)
@@ -97,6 +110,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   c.compute_dtype = "bfloat16"  # the reference trains under autocast; params stay float32
   c.matmul_precision = "default"
+  # Compile the train steps with XLA's backend optimisation off: about half the compile time,
+  # about 2x slower steps. For quick CPU checks and tests only.
+  c.fast_compile = False
   # "unrolled" (the reference's growing sequence) does ~22% less arithmetic than "scan" (fixed
   # 513-token buffer) and needs less memory, but compiles ~4x longer; loss_iters > 0 needs scan.
   c.rollout_impl = "unrolled"

@@ -223,7 +223,8 @@ class Decoder(nn.Module):
   dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, z: jax.Array) -> jax.Array:
+  def __call__(self, z: jax.Array, features_only: bool = False) -> jax.Array:
+    """Decodes; with `features_only`, stops before `conv_out` (see `decoder_conv_out`)."""
     vae = self.kind == "vae"
     n = len(self.ch_mult)
     block_in = self.ch * self.ch_mult[-1]
@@ -247,7 +248,29 @@ class Decoder(nn.Module):
       if i != 0:
         res *= 2
     h = swish(group_norm("norm_out")(h))
+    if features_only:
+      return h
     return conv(self.out_ch, 3, "conv_out", dtype=self.dtype)(h).astype(jnp.float32)
+
+
+def decoder_conv_out(conv_out_params: Any, features: jax.Array, dtype: Dtype = jnp.float32):
+  """The decoder's last layer (`decoder.conv_out`, 3x3) applied to `features_only` features.
+
+  `decode(z) == decoder_conv_out(params["decoder"]["conv_out"], decode(z, features_only=True))`
+  exactly: stage-2 training splits the decoder here to take the gradients of its losses with
+  respect to this layer's kernel (the adaptive GAN weight) without a second backward pass.
+
+  Args:
+    conv_out_params: `{"kernel": (3, 3, C, out_ch), "bias": (out_ch,)}`.
+    features: (B, H, W, C) float32.
+    dtype: compute dtype (as the decoder's).
+
+  Returns:
+    (B, H, W, out_ch) float32.
+  """
+  out_ch = conv_out_params["kernel"].shape[-1]
+  layer = conv(out_ch, 3, "conv_out", dtype=dtype)
+  return layer.apply({"params": conv_out_params}, features).astype(jnp.float32)
 
 
 class Codebook(nn.Module):
@@ -333,9 +356,12 @@ class VQGAN(nn.Module):
     """(n_embed, E) codebook."""
     return self.quantize()
 
-  def decode(self, z: jax.Array) -> jax.Array:
-    """(B, h, w, E) codes -> (B, H, W, 3) images (unclipped, as the reference)."""
-    return self.decoder(z)
+  def decode(self, z: jax.Array, features_only: bool = False) -> jax.Array:
+    """(B, h, w, E) codes -> (B, H, W, 3) images (unclipped, as the reference).
+
+    With `features_only`, the (B, H, W, ch * ch_mult[0]) input of `decoder.conv_out`.
+    """
+    return self.decoder(z, features_only)
 
   def decode_indices(self, indices: jax.Array) -> jax.Array:
     """(B, h*w) code indices -> images."""
@@ -400,9 +426,12 @@ class VAE(nn.Module):
       z = mean + jnp.exp(0.5 * logvar) * jax.random.normal(rng, mean.shape, mean.dtype)
     return z * self.config.scale_factor
 
-  def decode(self, z: jax.Array) -> jax.Array:
-    """(B, h, w, E) latents -> (B, H, W, 3). ALIT passes the scaled code unscaled (quirk 12)."""
-    return self.decoder(self.post_quant_conv(z).astype(jnp.float32))
+  def decode(self, z: jax.Array, features_only: bool = False) -> jax.Array:
+    """(B, h, w, E) latents -> (B, H, W, 3). ALIT passes the scaled code unscaled (quirk 12).
+
+    With `features_only`, the input of `decoder.conv_out`.
+    """
+    return self.decoder(self.post_quant_conv(z).astype(jnp.float32), features_only)
 
 
 def build_base(config: VQGANConfig | VAEConfig, dtype: Dtype = jnp.float32) -> VQGAN | VAE:

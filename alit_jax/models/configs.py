@@ -221,11 +221,14 @@ def tiny_config(
   factorize_latent: bool = True,
   codebook_size: int = 32,
   token_dim: int = 8,
+  patch_size: int = 16,
 ) -> ModelConfig:
   """A very small model for tests and `runlocal` configs (seconds to compile on CPU).
 
   The base tokenizer keeps the real 16x downsampling (5 levels) at 32 channels, so the 2D grid is
-  `image_size / 16` per side and ALIT's patch size stays 16.
+  `image_size / 16` per side and ALIT's patch size stays 16. With another `patch_size` the base
+  here does not fit; the trainer then takes the base from `config.base_checkpoint` (e.g. a small
+  VQGAN trained with `configs/vqgan_train.py`, whose downsampling must equal the patch size).
   """
   if base == "vqgan":
     base_cfg: VQGANConfig | VAEConfig = VQGANConfig(
@@ -262,7 +265,7 @@ def tiny_config(
     token_dim=token_dim,
     num_latent_tokens=tokens,
     image_size=image_size,
-    patch_size=16,
+    patch_size=patch_size,
     max_rollout_iters=iterations,
     halting_threshold=HALTING_THRESHOLD[base],
   )

@@ -1,7 +1,10 @@
-r"""Command line: `python -m alit_jax.train --config=configs/alit_pretrain.py:ARGS --workdir=DIR`.
+r"""Command line: `python -m alit_jax.train --config=configs/FILE.py:ARGS --workdir=DIR`.
 
   python -m alit_jax.train --config=configs/alit_pretrain.py:variant=small,base=vqgan \
     --config.base_checkpoint=/ckpts/vqgan_jax --workdir=/runs/alit_small
+
+Configs: `alit_pretrain.py` (stage 1), `alit_finetune.py` (stage 2: full fine-tuning with pixel,
+LPIPS and GAN losses), `vqgan_train.py` (a base VQGAN from scratch); see their docstrings.
 
 Multi-host: start one process per host with the same flags plus
   --coordinator_address=HOST0:PORT --num_processes=P --process_id=I

@@ -1,9 +1,12 @@
 """Training checkpoints (Orbax `CheckpointManager`) and the layout of a training workdir.
 
-    WORKDIR/model_config.json     {"model": ModelConfig, "meta": {...}} (architecture, as trained)
-    WORKDIR/base_tokenizer/       the frozen base tokenizer (`checkpoint.load_base` format)
+    WORKDIR/model_config.json     {"model": ModelConfig, "meta": {"stage": ...}} (architecture, as
+                                  trained; a base-VQGAN training: {"base": ..., "meta": ...})
+    WORKDIR/base_tokenizer/       stage 1: the frozen base tokenizer (`checkpoint.load_base`)
+    WORKDIR/lpips/                stages 2 / vqgan: the frozen LPIPS variables, when used
     WORKDIR/train_config.json     the training ConfigDict
-    WORKDIR/checkpoints/<step>/   Orbax: `state` (step, params, opt_state, ema_params) and
+    WORKDIR/checkpoints/<step>/   Orbax: `state` (step, params, opt_state, ema_params, and the
+                                  discriminators and their optimizer states in stage 2) and
                                   `data` (grain iterator state, one JSON file per process)
     WORKDIR/tensorboard/, WORKDIR/metrics.jsonl
 
@@ -39,11 +42,29 @@ def is_workdir(path: str | os.PathLike) -> bool:
   return (p / MODEL_CONFIG).is_file() and (p / CHECKPOINTS).is_dir()
 
 
-def read_model_config(workdir: str | os.PathLike) -> tuple[ModelConfig, dict[str, Any]]:
+def read_workdir_description(workdir: str | os.PathLike) -> dict[str, Any]:
+  """The raw `model_config.json`: {"model": ..., "meta": ...} or, for a base-tokenizer training
+  (`configs/vqgan_train.py`), {"base": ..., "meta": {"stage": "vqgan"}}."""
   path = pathlib.Path(workdir) / MODEL_CONFIG
   if not path.is_file():
     raise FileNotFoundError(f"{workdir}: no {MODEL_CONFIG}; not a training workdir")
-  d = json.loads(path.read_text())
+  return json.loads(path.read_text())
+
+
+def workdir_stage(workdir: str | os.PathLike) -> str:
+  """The stage that wrote a workdir ("latent_distillation", "full_finetuning" or "vqgan")."""
+  return read_workdir_description(workdir).get("meta", {}).get("stage", "latent_distillation")
+
+
+def read_model_config(workdir: str | os.PathLike) -> tuple[ModelConfig, dict[str, Any]]:
+  d = read_workdir_description(workdir)
+  if "model" not in d:
+    stage = d.get("meta", {}).get("stage", "?")
+    raise ValueError(
+      f"{workdir}: a base-tokenizer training workdir (stage {stage!r}), not an ALIT one; export "
+      "it with `python -m alit_jax.train.export WORKDIR --out DIR` and use DIR as a base "
+      "tokenizer (config.base_checkpoint)"
+    )
   return ModelConfig.from_dict(d["model"]), d.get("meta", {})
 
 
@@ -144,6 +165,41 @@ def latest_step(workdir: str | os.PathLike) -> int | None:
     return mgr.latest_step()
 
 
+def restore_items(
+  workdir: str | os.PathLike, targets: dict[str, Any], *, step: int | None = None
+) -> tuple[int, dict[str, Any]]:
+  """Reads some entries of a checkpoint's train state (e.g. `ema_params`, `disc_params`).
+
+  Args:
+    workdir: training workdir.
+    targets: {state key: tree of arrays or `jax.ShapeDtypeStruct`s (with shardings)}.
+    step: checkpoint step (default: the latest).
+
+  Returns:
+    (step, {state key: restored tree}).
+  """
+  if step is None:
+    step = latest_step(workdir)
+    if step is None:
+      raise FileNotFoundError(f"{workdir}: no complete checkpoint in {CHECKPOINTS}/")
+  path = pathlib.Path(workdir).absolute() / CHECKPOINTS / str(step) / STATE_ITEM
+  if not path.is_dir():
+    raise FileNotFoundError(f"{path}: no such checkpoint")
+
+  def as_abstract(x):
+    sharding = getattr(x, "sharding", None) or jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
+
+  abstract = {k: jax.tree.map(as_abstract, t) for k, t in targets.items()}
+  restore_args = ocp.checkpoint_utils.construct_restore_args(abstract)
+  with ocp.PyTreeCheckpointer() as ckptr:
+    out = ckptr.restore(
+      path,
+      args=ocp.args.PyTreeRestore(item=abstract, restore_args=restore_args, partial_restore=True),
+    )
+  return step, {k: out[k] for k in targets}
+
+
 def restore_params(
   workdir: str | os.PathLike, target: Any, *, step: int | None = None, which: str = "ema_params"
 ) -> tuple[int, Any]:
@@ -160,23 +216,5 @@ def restore_params(
   """
   if which not in ("ema_params", "params"):
     raise ValueError(f"which must be 'ema_params' or 'params', got {which!r}")
-  if step is None:
-    step = latest_step(workdir)
-    if step is None:
-      raise FileNotFoundError(f"{workdir}: no complete checkpoint in {CHECKPOINTS}/")
-  path = pathlib.Path(workdir).absolute() / CHECKPOINTS / str(step) / STATE_ITEM
-  if not path.is_dir():
-    raise FileNotFoundError(f"{path}: no such checkpoint")
-
-  def as_abstract(x):
-    sharding = getattr(x, "sharding", None) or jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
-
-  abstract = {which: jax.tree.map(as_abstract, target)}
-  restore_args = ocp.checkpoint_utils.construct_restore_args(abstract)
-  with ocp.PyTreeCheckpointer() as ckptr:
-    out = ckptr.restore(
-      path,
-      args=ocp.args.PyTreeRestore(item=abstract, restore_args=restore_args, partial_restore=True),
-    )
+  step, out = restore_items(workdir, {which: target}, step=step)
   return step, out[which]

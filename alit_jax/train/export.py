@@ -3,7 +3,9 @@
     python -m alit_jax.train.export WORKDIR --out DIR [--step S] [--params]
 
 writes DIR in the format of `python -m alit_jax.convert` (config.json + Orbax params/), with
-the EMA weights of the latest checkpoint by default.
+the EMA weights of the latest checkpoint by default. For a base-VQGAN training workdir
+(`configs/vqgan_train.py`) DIR is a base tokenizer directory (`checkpoint.load_base`), usable as
+`config.base_checkpoint` of `configs/alit_pretrain.py`.
 """
 
 from __future__ import annotations
@@ -23,7 +25,10 @@ is_workdir = checkpoints.is_workdir
 def load_workdir(
   workdir: str | os.PathLike, *, step: int | None = None, ema: bool = True
 ) -> tuple[ModelConfig, dict[str, Any], dict[str, Any]]:
-  """(ModelConfig, `{"alit": {"params": ...}, "base": ...}`, meta) from a training workdir.
+  """(ModelConfig, `{"alit": {"params": ...}, "base": ...}`, meta) from an ALIT training workdir.
+
+  Stage 1 pairs the trained ALIT with the frozen base copy; stage 2 (full fine-tuning) trains
+  both, so both come from the checkpoint.
 
   Args:
     workdir: the training workdir.
@@ -32,21 +37,65 @@ def load_workdir(
   """
   from alit_jax.convert.alit_checkpoint import abstract_variables
 
+  workdir = _check_workdir(workdir)
+  config, meta = checkpoints.read_model_config(workdir)
+  target = abstract_variables(config)
+  which = "ema_params" if ema else "params"
+  if meta.get("stage") == "full_finetuning":
+    both = {"alit": target["alit"]["params"], "base": target["base"]["params"]}
+    step, params = checkpoints.restore_params(workdir, both, step=step, which=which)
+    variables = {"alit": {"params": params["alit"]}, "base": {"params": params["base"]}}
+  else:
+    step, params = checkpoints.restore_params(
+      workdir, target["alit"]["params"], step=step, which=which
+    )
+    base_cfg, base_vars = checkpoint.load_base(workdir / checkpoints.BASE_DIR)
+    if base_cfg != config.base:
+      raise ValueError(f"{workdir}: base tokenizer config {base_cfg} differs from {config.base}")
+    variables = {"alit": {"params": params}, "base": base_vars}
+  meta = dict(meta, workdir=str(workdir), step=int(step), weights=which)
+  return config, variables, meta
+
+
+def _check_workdir(workdir: str | os.PathLike) -> pathlib.Path:
   workdir = pathlib.Path(workdir).absolute()
   if not checkpoints.is_workdir(workdir):
     raise FileNotFoundError(
       f"{workdir}: not a training workdir (expected {checkpoints.MODEL_CONFIG} and "
       f"{checkpoints.CHECKPOINTS}/)"
     )
-  config, meta = checkpoints.read_model_config(workdir)
-  target = abstract_variables(config)["alit"]["params"]
+  return workdir
+
+
+def load_base_workdir(
+  workdir: str | os.PathLike, *, step: int | None = None, ema: bool = True
+) -> tuple[Any, dict[str, Any], dict[str, Any]]:
+  """(VQGANConfig, `{"params": ...}`, meta) from a `configs/vqgan_train.py` workdir."""
+  from alit_jax.models.base_tokenizers import build_base
+  from alit_jax.models.configs import VQGANConfig
+
+  workdir = _check_workdir(workdir)
+  d = checkpoints.read_workdir_description(workdir)
+  if "base" not in d:
+    raise ValueError(f"{workdir}: not a base-tokenizer training workdir")
+  b = dict(d["base"])
+  kind = b.pop("kind")
+  if kind != "vqgan":
+    raise ValueError(f"{workdir}: unknown base kind {kind!r}")
+  cfg = VQGANConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in b.items()})
+  import jax
+  import jax.numpy as jnp
+
+  s = cfg.resolution
+  target = jax.eval_shape(
+    build_base(cfg).init, jax.random.key(0), jax.ShapeDtypeStruct((1, s, s, 3), jnp.float32)
+  )
   which = "ema_params" if ema else "params"
-  step, params = checkpoints.restore_params(workdir, target, step=step, which=which)
-  base_cfg, base_vars = checkpoint.load_base(workdir / checkpoints.BASE_DIR)
-  if base_cfg != config.base:
-    raise ValueError(f"{workdir}: base tokenizer config {base_cfg} differs from {config.base}")
-  meta = dict(meta, workdir=str(workdir), step=int(step), weights=which)
-  return config, {"alit": {"params": params}, "base": base_vars}, meta
+  step, params = checkpoints.restore_params(
+    workdir, {"base": target["params"]}, step=step, which=which
+  )
+  meta = dict(d.get("meta", {}), workdir=str(workdir), step=int(step), weights=which)
+  return cfg, {"params": params["base"]}, meta
 
 
 def export_pretrained(
@@ -57,7 +106,12 @@ def export_pretrained(
   ema: bool = True,
   overwrite: bool = False,
 ) -> pathlib.Path:
-  """Writes a pretrained directory (`Tokenizer.from_pretrained(out)`) from a workdir."""
+  """Writes a pretrained directory (`Tokenizer.from_pretrained(out)`) from an ALIT workdir, or a
+  base tokenizer directory (`checkpoint.load_base(out)`, `config.base_checkpoint`) from a
+  `configs/vqgan_train.py` workdir."""
+  if checkpoints.workdir_stage(_check_workdir(workdir)) == "vqgan":
+    cfg, variables, meta = load_base_workdir(workdir, step=step, ema=ema)
+    return checkpoint.save_base(out, cfg, variables, meta=meta, overwrite=overwrite)
   config, variables, meta = load_workdir(workdir, step=step, ema=ema)
   return checkpoint.save_pretrained(out, config, variables, meta=meta, overwrite=overwrite)
 

@@ -33,7 +33,17 @@ from alit_jax.models.alit import ALIT
 from alit_jax.models.base_tokenizers import VAE, VQGAN
 from alit_jax.train import losses, optim
 
-STREAMS = {"params": 0, "halting": 1, "grad_iters": 2, "data": 3, "summary": 4}
+STREAMS = {
+  "params": 0,
+  "halting": 1,
+  "grad_iters": 2,
+  "data": 3,
+  "summary": 4,
+  # Adversarial trainings (`gan_steps`):
+  "dropout": 5,  # LPIPS heads' dropout
+  "disc_params": 6,  # discriminator initialisation
+  "posterior": 7,  # VAE posterior samples
+}
 HPARAM_KEYS = ("lr", "min_lr", "warmup_steps", "total_steps", "ema_decay", "steps_per_epoch")
 
 

@@ -1,13 +1,18 @@
-"""`train_and_evaluate(config, workdir)`: the stage-1 (latent distillation) training loop.
+"""`train_and_evaluate(config, workdir)`: the training loop of every stage.
+
+Stages (`config.stage`), each a small object that sets up its model, state and jitted steps
+while the loop (data, mesh, resume, checkpoints, logging, NaN guard, summaries) is shared:
+
+* "latent_distillation": stage 1 (`configs/alit_pretrain.py`, `steps.train_step`);
+* "full_finetuning": stage 2 (`configs/alit_finetune.py`, `gan_steps` with `ALITTask`);
+* "vqgan": a base VQGAN from scratch (`configs/vqgan_train.py`, `gan_steps` with `VQGANTask`).
 
 One process per host; all processes run the same program (SPMD). Per step: the grain iterator
 yields this process's share of the global batch (uint8), `make_array_from_process_local_data`
-assembles the global batch sharded over the mesh, and the jitted `steps.train_step` updates the
+assembles the global batch sharded over the mesh, and the stage's jitted step(s) update the
 sharded, donated train state. Metrics are fetched one step late (the host never waits for the
 step it just dispatched), except before a checkpoint: a checkpoint is only written after the
 losses of every step up to it were checked finite.
-
-See `configs/alit_pretrain.py` for the config fields.
 """
 
 from __future__ import annotations
@@ -50,6 +55,8 @@ part is used). For quick checks only, --config.random_base=True uses a random fr
 # One-off initialisation functions: XLA's backend optimisations cost more compile time than
 # they save (the random-number graphs of the initialisers are large).
 FAST_COMPILE = {"xla_backend_optimization_level": 0}
+# `config.fast_compile`: also for the train steps (CPU checks and tests).
+STEP_FAST_COMPILE = {**FAST_COMPILE, "xla_llvm_disable_expensive_passes": True}
 
 
 class _QuietOrbax(std_logging.Filter):
@@ -70,30 +77,65 @@ class NonFiniteLossError(FloatingPointError):
 
 
 def build_model_config(model_cfg: ml_collections.ConfigDict) -> model_configs.ModelConfig:
-  """ModelConfig from `config.model` (a reference preset, or "test" = `tiny_config`)."""
+  """ModelConfig from `config.model` (a reference preset, or "test" = `tiny_config`).
+
+  `model.image_size` / `model.patch_size` (None: the preset's) change ALIT's input size and
+  patch size, e.g. 64x64 images with patch 4 over a base tokenizer that downsamples 4x.
+  """
   name = model_cfg.name
   kw = dict(quantize_latent=model_cfg.quantize_latent, factorize_latent=model_cfg.factorize_latent)
+  size = {k: model_cfg.get(k) for k in ("image_size", "patch_size") if model_cfg.get(k) is not None}
   if name == "test":
-    return model_configs.tiny_config(model_cfg.base, **kw, **dict(model_cfg.get("test", {})))
-  return model_configs.named_config(name, model_cfg.base, **kw)
+    test = dict(model_cfg.get("test", {}))
+    test.update(size)
+    return model_configs.tiny_config(model_cfg.base, **kw, **test)
+  config = model_configs.named_config(name, model_cfg.base, **kw)
+  if size:
+    config = dataclasses.replace(config, alit=dataclasses.replace(config.alit, **size))
+  return config
 
 
 def check_base_compatible(config: model_configs.ModelConfig, base_cfg: Any, where: str) -> None:
-  """Raises ValueError if a base tokenizer cannot feed this ALIT."""
+  """Raises ValueError if a base tokenizer cannot feed this ALIT (kind or grid size)."""
   a = config.alit
   problems = []
   if base_cfg.kind != a.base:
     problems.append(f"it is a {base_cfg.kind}, the model expects a {a.base}")
-  if base_cfg.embed_dim != a.base_embed_dim:
-    problems.append(f"embed_dim {base_cfg.embed_dim} != {a.base_embed_dim}")
-  if a.base == "vqgan" and base_cfg.n_embed != a.base_codebook_size:
-    problems.append(f"codebook size {base_cfg.n_embed} != {a.base_codebook_size}")
   if base_cfg.downsample * a.grid_size != a.image_size:
     problems.append(
-      f"its {base_cfg.downsample}x downsampling does not give the {a.grid_size}x{a.grid_size} grid"
+      f"its {base_cfg.downsample}x downsampling does not give the {a.grid_size}x{a.grid_size} "
+      f"grid of {a.image_size}px images with patch size {a.patch_size} (the base's downsampling "
+      "must equal the patch size)"
     )
   if problems:
     raise ValueError(f"base tokenizer {where} does not fit {config.name}: " + "; ".join(problems))
+
+
+def adapt_to_base(
+  config: model_configs.ModelConfig, base_cfg: Any, where: str
+) -> model_configs.ModelConfig:
+  """`config` with this base, after `check_base_compatible`.
+
+  ALIT's base-dependent sizes (the base's embedding dim and, for a VQGAN, its codebook size,
+  i.e. ALIT's decoder output) follow the base tokenizer, so a small base trained with
+  `configs/vqgan_train.py` can be used with any ALIT preset.
+  """
+  check_base_compatible(config, base_cfg, where)
+  a = config.alit
+  changes = {}
+  if base_cfg.embed_dim != a.base_embed_dim:
+    changes["base_embed_dim"] = base_cfg.embed_dim
+  if a.base == "vqgan" and base_cfg.n_embed != a.base_codebook_size:
+    changes["base_codebook_size"] = base_cfg.n_embed
+  if changes:
+    logging.info("ALIT's base-dependent sizes follow the base tokenizer %s: %s", where, changes)
+    a = dataclasses.replace(a, **changes)
+  return dataclasses.replace(config, alit=a, base=base_cfg)
+
+
+def step_compiler_options(config: ml_collections.ConfigDict) -> dict[str, Any] | None:
+  """XLA options of the jitted train steps: `FAST_COMPILE` with `config.fast_compile`."""
+  return dict(STEP_FAST_COMPILE) if config.get("fast_compile", False) else None
 
 
 def _is_main() -> bool:
@@ -137,8 +179,7 @@ def _setup_base(
     logging.warning("Using a RANDOM frozen base tokenizer (config.random_base=True).")
   else:
     raise ValueError(f"no base tokenizer given.\n{BASE_HELP}")
-  check_base_compatible(model_config, base_cfg, where)
-  model_config = dataclasses.replace(model_config, base=base_cfg)
+  model_config = adapt_to_base(model_config, base_cfg, where)
   if not have_copy:
     # Collective Orbax save (every process takes part), then the small JSON from process 0.
     with ocp.StandardCheckpointer() as ckptr:
@@ -212,23 +253,24 @@ def _flat_metrics(m: dict[str, np.ndarray]) -> dict[str, float]:
 
 
 class _Window:
-  """Averages step metrics over a logging window (per-iteration terms over the steps that took them)."""
+  """Averages step metrics over a logging window.
 
-  PER_ITER = (
-    "nll_loss",
-    "code_loss",
-    "quantization_loss",
-    "commitment_loss",
-    "codebook_loss",
-    "masked_fraction",
-  )
+  A metrics dict may carry one one-hot/mask weight vector named `*_iters` (stage 1:
+  `loss_iters`; stage 2: `gen_iters` / `disc_iters`); its other (N,) arrays are per-iteration
+  values averaged over the steps that took them. Scalars are averaged over the dicts that hold
+  them; `lr` and `gan_weight` keep their last value.
+  """
 
-  def __init__(self):
+  LAST = ("lr", "gan_weight")
+
+  def __init__(self, omit_unvisited: bool = False, num_iters: int | None = None):
+    self.omit_unvisited = omit_unvisited
+    self.squeeze = num_iters == 1
     self.reset(time.perf_counter())
 
   def reset(self, t: float) -> None:
     self.sums: dict[str, np.ndarray] = {}
-    self.iter_counts = None
+    self.counts: dict[str, np.ndarray] = {}
     self.steps = 0
     self.untimed = 0
     self.t0 = t
@@ -239,26 +281,36 @@ class _Window:
     self.untimed = self.steps
     self.t0 = t
 
-  def add(self, m: dict[str, np.ndarray]) -> None:
+  def add_step(self, ms: list[dict[str, np.ndarray]]) -> None:
+    """Adds the metrics dicts of one data step (one per update made)."""
     self.steps += 1
-    w = m["loss_iters"]
-    self.iter_counts = w if self.iter_counts is None else self.iter_counts + w
+    for m in ms:
+      self._add(m)
+
+  def _add(self, m: dict[str, np.ndarray]) -> None:
+    wkeys = [k for k in m if k.endswith("_iters")]
+    w = m[wkeys[0]] if wkeys else None
     for k, v in m.items():
-      if k in ("finite", "loss_iters"):
+      if k == "finite" or k in wkeys:
         continue
+      v = np.asarray(v)
+      count = w if (v.ndim and w is not None) else np.ones((), np.float32)
       self.sums[k] = v if k not in self.sums else self.sums[k] + v
-    self.last = m
+      self.counts[k] = count if k not in self.counts else self.counts[k] + count
+      self.last[k] = v
 
   def summary(self, t: float, global_batch: int) -> dict[str, float]:
     out = {}
     for k, v in self.sums.items():
-      if k == "lr":
+      if k in self.LAST:
         out[k] = self.last[k]
-      elif k in self.PER_ITER:
-        out[k] = v / np.maximum(self.iter_counts, 1)
-      else:
-        out[k] = v / self.steps
-    out = _flat_metrics(out)
+        continue
+      count = self.counts[k]
+      mean = v / np.maximum(count, 1)
+      if np.ndim(mean) and self.omit_unvisited:
+        mean = np.where(count > 0, mean, np.nan)
+      out[k] = mean[0] if (self.squeeze and np.ndim(mean) == 1 and mean.shape[0] == 1) else mean
+    out = {k: v for k, v in _flat_metrics(out).items() if np.isfinite(v) or not self.omit_unvisited}
     if self.steps > self.untimed:
       out["images_per_sec"] = (self.steps - self.untimed) * global_batch / max(t - self.t0, 1e-9)
     return out
@@ -299,13 +351,154 @@ def _load_init_params(path: str, target: Any) -> Any:
   return sharding.put_global(params, jax.tree.map(lambda t: t.sharding, target))
 
 
+STAGES = ("latent_distillation", "full_finetuning", "vqgan")
+
+
+@dataclasses.dataclass
+class Context:
+  """What the loop hands a stage when it builds its jitted steps."""
+
+  mesh: Any
+  rules: tuple
+  min_fsdp_size: int
+  hp: dict[str, jax.Array]
+  seed: jax.Array
+  root: jax.Array
+  steps_per_epoch: int
+  total_steps: int
+  global_batch: int
+  num_summary: int
+
+
+class _Stage1:
+  """Stage 1 (latent distillation): a frozen base, ALIT trained by `steps.train_step`."""
+
+  omit_unvisited = False
+
+  def __init__(self, config: ml_collections.ConfigDict, workdir: pathlib.Path):
+    self.config = config
+    self.workdir = workdir
+
+  def prepare(self) -> None:
+    config = self.config
+    model_config = build_model_config(config.model)
+    self.model_config, base_vars = _setup_base(config, model_config, self.workdir)
+    self.base_vars_host = base_vars
+    _write_model_config(self.workdir, self.model_config, {"stage": config.stage})
+    dtype = jnp.dtype(config.compute_dtype)
+    self.model = ALIT(self.model_config.alit, dtype=dtype)
+    self.base = build_base(self.model_config.base, dtype=dtype)
+    self.spec = stage1_spec(config, self.model_config)
+    self.image_size = self.model_config.alit.image_size
+    self.num_iters = self.model_config.alit.max_rollout_iters
+
+  def build(self, ctx: Context) -> None:
+    self.ctx = ctx
+    model, spec = self.model, self.spec
+    abstract = jax.eval_shape(
+      functools.partial(steps.create_train_state, model=model, spec=spec), ctx.root
+    )
+    self.state_sh = sharding.tree_shardings(abstract, ctx.mesh, ctx.rules, ctx.min_fsdp_size)
+    self.abstract_state = _with_shardings(abstract, self.state_sh)
+    base_sh = sharding.tree_shardings(self.base_vars_host, ctx.mesh, ctx.rules, ctx.min_fsdp_size)
+    self.base_vars = sharding.put_global(self.base_vars_host, base_sh)
+    repl = sharding.replicated(ctx.mesh)
+    batch_sh = sharding.batch_sharding(ctx.mesh)
+    # Module-level functions with static positional args: re-jitting them in a later call
+    # (a resumed run, tests) hits JAX's compilation cache.
+    self.p_train_step = jax.jit(
+      steps.train_step,
+      static_argnums=(5, 6, 7),
+      in_shardings=(self.state_sh, base_sh, batch_sh, repl, repl),
+      out_shardings=(self.state_sh, repl),
+      donate_argnums=(0,),
+      compiler_options=step_compiler_options(self.config),
+    )
+    self.which = "ema_params" if self.config.summary_params == "ema" else "params"
+    self.p_reconstruct = jax.jit(
+      steps.reconstruct,
+      static_argnums=(5, 6, 7, 8, 9),
+      in_shardings=(self.state_sh[self.which], base_sh, batch_sh, repl, repl),
+      out_shardings=repl,
+    )
+
+  def init_state(self) -> Any:
+    if self.config.init_from:
+      params = _load_init_params(self.config.init_from, self.abstract_state["params"])
+      return jax.jit(
+        steps.init_train_state,
+        static_argnums=(1,),
+        out_shardings=self.state_sh,
+        compiler_options=FAST_COMPILE,
+      )(params, self.spec)
+    return jax.jit(
+      steps.create_train_state,
+      static_argnums=(1, 2),
+      out_shardings=self.state_sh,
+      compiler_options=FAST_COMPILE,
+    )(self.ctx.root, self.model, self.spec)
+
+  def describe(self) -> str:
+    n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(self.abstract_state["params"]))
+    return f"{self.model_config.name}: {n / 1e6:.2f}M trainable params"
+
+  def train_step(self, state: Any, images: jax.Array, step: int) -> tuple[Any, list[dict]]:
+    c = self.ctx
+    state, metrics = self.p_train_step(
+      state, self.base_vars, images, c.hp, c.seed, self.model, self.base, self.spec
+    )
+    return state, [metrics]
+
+  def write_summary(self, writer, state: Any, images: jax.Array, step: int) -> None:
+    out = self.p_reconstruct(
+      state[self.which],
+      self.base_vars,
+      images,
+      self.ctx.seed,
+      state["step"],
+      self.model,
+      self.base,
+      self.spec.halting,
+      self.spec.impl,
+      self.ctx.num_summary,
+    )
+    _write_reconstructions(writer, step, out, self.config.summary_params)
+
+
+def _make_stage(config: ml_collections.ConfigDict, workdir: pathlib.Path):
+  if config.stage == "latent_distillation":
+    return _Stage1(config, workdir)
+  from alit_jax.train import gan_stage
+
+  return gan_stage.GanStage(config, workdir)
+
+
+def _non_finite_message(s: int, m: dict[str, np.ndarray], last_saved, ckpt_dir) -> str:
+  kept = (
+    f"the last good checkpoint (step {last_saved}) in {ckpt_dir} is intact"
+    if last_saved
+    else "no checkpoint was written"
+  )
+  values = ", ".join(
+    f"{k} {np.asarray(m[k]).sum():.4g}"
+    for k in ("loss", "grad_norm", "disc_loss", "disc_grad_norm")
+    if k in m
+  )
+  return (
+    f"non-finite loss or gradient norm ({values}) at step {s}; training stopped and nothing "
+    f"was saved after it: {kept}. Lower the learning rate (config.blr/config.lr) or use float32 "
+    "(config.compute_dtype) and rerun to resume from that checkpoint."
+  )
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
   """Trains (or resumes training) as configured; checkpoints and logs go to `workdir`.
 
   Args:
-    config: a `configs/alit_pretrain.py` ConfigDict.
+    config: a `configs/alit_pretrain.py`, `configs/alit_finetune.py` or `configs/vqgan_train.py`
+      ConfigDict (`config.stage` selects the stage).
     workdir: output directory; rerunning with the same workdir resumes from its latest
-      checkpoint (model, optimizer, EMA, step and data position).
+      checkpoint (model, optimizer(s), EMA, discriminators, step and data position).
 
   Returns:
     {"state": the final train state, "step": its step, "metrics": the last logged metrics}.
@@ -314,10 +507,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     NonFiniteLossError: a step produced a NaN/Inf loss or gradient norm (nothing is saved after
       the last good checkpoint).
   """
-  if config.stage != "latent_distillation":
-    raise ValueError(
-      f"unknown stage {config.stage!r}; this trainer implements 'latent_distillation'"
-    )
+  if config.stage not in STAGES:
+    raise ValueError(f"unknown stage {config.stage!r}; this trainer implements {STAGES}")
   workdir = pathlib.Path(os.path.expanduser(os.fspath(workdir))).absolute()
   _quiet_orbax_logs()
   if _is_main():
@@ -332,18 +523,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     jax.local_device_count(),
   )
 
-  # ---- model and frozen base ----
-  model_config = build_model_config(config.model)
-  model_config, base_vars = _setup_base(config, model_config, workdir)
-  _write_model_config(workdir, model_config, {"stage": config.stage})
+  # ---- model (and frozen parts) ----
+  stage = _make_stage(config, workdir)
+  stage.prepare()
   if _is_main():
     checkpoints.write_json_atomic(
       workdir / checkpoints.TRAIN_CONFIG, json.loads(config.to_json_best_effort())
     )
-  dtype = jnp.dtype(config.compute_dtype)
-  model = ALIT(model_config.alit, dtype=dtype)
-  base = build_base(model_config.base, dtype=dtype)
-  spec = stage1_spec(config, model_config)
 
   # ---- data and durations ----
   inp = config.input
@@ -373,21 +559,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
   root = jax.random.key(config.seed)
   data_seed = int(jax.random.randint(steps.stream_key(root, "data"), (), 0, 2**31 - 1))
 
-  # ---- mesh and shardings ----
+  # ---- mesh, shardings, jitted steps ----
   mesh = sharding.make_mesh(dict(config.mesh))
   if gbs % mesh.size:
     raise ValueError(f"global batch {gbs} is not divisible by the {mesh.size} devices of the mesh")
-  rules = tuple((rx, rule) for rx, rule in config.sharding.rules)
-  min_size = int(config.sharding.min_fsdp_size)
-
-  abstract = jax.eval_shape(
-    functools.partial(steps.create_train_state, model=model, spec=spec), root
-  )
-  state_sh = sharding.tree_shardings(abstract, mesh, rules, min_size)
-  base_sh = sharding.tree_shardings(base_vars, mesh, rules, min_size)
   repl = sharding.replicated(mesh)
-  batch_sh = sharding.batch_sharding(mesh)
-  base_vars = sharding.put_global(base_vars, base_sh)
   hp_host = dict(
     lr=lr,
     min_lr=float(config.min_lr),
@@ -396,32 +572,27 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     ema_decay=float(config.ema.decay),
     steps_per_epoch=spe,
   )
-  hp = sharding.put_global(steps.hparams(**hp_host), jax.tree.map(lambda _: repl, hp_host))
-  seed = sharding.put_global(np.uint32(config.seed), repl)
-  # Module-level functions with static positional args: re-jitting them in a later call
-  # (a resumed run, tests) hits JAX's compilation cache.
-  p_train_step = jax.jit(
-    steps.train_step,
-    static_argnums=(5, 6, 7),
-    in_shardings=(state_sh, base_sh, batch_sh, repl, repl),
-    out_shardings=(state_sh, repl),
-    donate_argnums=(0,),
+  stage.build(
+    Context(
+      mesh=mesh,
+      rules=tuple((rx, rule) for rx, rule in config.sharding.rules),
+      min_fsdp_size=int(config.sharding.min_fsdp_size),
+      hp=sharding.put_global(steps.hparams(**hp_host), jax.tree.map(lambda _: repl, hp_host)),
+      seed=sharding.put_global(np.uint32(config.seed), repl),
+      root=root,
+      steps_per_epoch=spe,
+      total_steps=total_steps,
+      global_batch=gbs,
+      num_summary=min(int(config.num_summary_images), gbs),
+    )
   )
-  which = "ema_params" if config.summary_params == "ema" else "params"
-  p_reconstruct = jax.jit(
-    steps.reconstruct,
-    static_argnums=(5, 6, 7, 8, 9),
-    in_shardings=(state_sh[which], base_sh, batch_sh, repl, repl),
-    out_shardings=repl,
-  )
-  num_summary = min(int(config.num_summary_images), gbs)
 
   writer = writers.create_writer(workdir, enabled=_is_main())
   _log_source_report(source, writer)
   iterator = pipeline.make_train_iterator(
     source,
     global_batch_size=gbs,
-    image_size=model_config.alit.image_size,
+    image_size=stage.image_size,
     seed=data_seed,
     worker_count=inp.worker_count,
     num_threads=inp.num_threads,
@@ -443,36 +614,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     if config.matmul_precision == "default"
     else jax.default_matmul_precision(config.matmul_precision)
   )
+  state = None
+  step = 0
   try:
     with precision:
       # ---- initial state: resume, init_from, or fresh ----
       start = ckpt.latest_step()
       if start is not None:
-        state = ckpt.restore(start, _with_shardings(abstract, state_sh), iterator)
+        state = ckpt.restore(start, stage.abstract_state, iterator)
         logging.info("resumed from %s at step %d", ckpt.directory, start)
       else:
         start = 0
-        if config.init_from:
-          params = _load_init_params(
-            config.init_from, _with_shardings(abstract["params"], state_sh["params"])
-          )
-          state = jax.jit(
-            steps.init_train_state,
-            static_argnums=(1,),
-            out_shardings=state_sh,
-            compiler_options=FAST_COMPILE,
-          )(params, spec)
-        else:
-          state = jax.jit(
-            steps.create_train_state,
-            static_argnums=(1, 2),
-            out_shardings=state_sh,
-            compiler_options=FAST_COMPILE,
-          )(root, model, spec)
-      n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract["params"]))
-      logging.info(
-        "%s: %.2fM trainable params; mesh %s", model_config.name, n_params / 1e6, dict(mesh.shape)
-      )
+        state = stage.init_state()
+      logging.info("%s; mesh %s", stage.describe(), dict(mesh.shape))
       if _is_main() and start == 0:
         writer.write_hparams(
           dict(_flat_config(config), steps_per_epoch=spe, total_steps=total_steps)
@@ -482,8 +636,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
         report = writers.periodic_actions.ReportProgress(
           num_train_steps=total_steps, writer=writer, every_steps=log_every, every_secs=None
         )
-      window = _Window()
-      pending: list[tuple[int, dict]] = []
+      window = _Window(stage.omit_unvisited, stage.num_iters)
+      pending: list[tuple[int, list[dict]]] = []
       last_saved = start if start > 0 else None
       logged: dict[str, float] = {}
 
@@ -491,21 +645,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
         """Fetches pending step metrics; stops on a non-finite loss; logs every log_every."""
         nonlocal logged
         while pending:
-          s, m = pending.pop(0)
-          m = {k: sharding.host_value(v) for k, v in m.items()}
-          if not bool(m["finite"]):
-            kept = (
-              f"the last good checkpoint (step {last_saved}) in {ckpt.directory} is intact"
-              if last_saved
-              else "no checkpoint was written"
-            )
-            raise NonFiniteLossError(
-              f"non-finite loss {float(m['loss'])} (grad norm {float(m['grad_norm'])}) at step "
-              f"{s}; training stopped and nothing was saved after it: {kept}. Lower the learning "
-              "rate (config.blr/config.lr) or use float32 (config.compute_dtype) and rerun to "
-              "resume from that checkpoint."
-            )
-          window.add(m)
+          s, ms = pending.pop(0)
+          ms = [{k: sharding.host_value(v) for k, v in m.items()} for m in ms]
+          for m in ms:
+            if not bool(m["finite"]):
+              raise NonFiniteLossError(_non_finite_message(s, m, last_saved, ckpt.directory))
+          window.add_step(ms)
           if s == start + 1:
             window.start_timing(time.perf_counter())  # the first step includes compilation
           if s % log_every == 0 or s == total_steps:
@@ -520,7 +665,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
       while step < total_steps:
         batch = next(iterator)
         images = sharding.global_batch(batch["image"], mesh)
-        state, metrics = p_train_step(state, base_vars, images, hp, seed, model, base, spec)
+        state, metrics = stage.train_step(state, images, step)
         step += 1
         consume()  # the previous step's metrics: by now they are (nearly) ready
         pending.append((step, metrics))
@@ -529,19 +674,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
         if report is not None:
           report(step)
         if summary_every and (step % summary_every == 0 or step == start + 1):
-          out = p_reconstruct(
-            state[which],
-            base_vars,
-            images,
-            seed,
-            state["step"],
-            model,
-            base,
-            spec.halting,
-            spec.impl,
-            num_summary,
-          )
-          _write_reconstructions(writer, step, out, config.summary_params)
+          stage.write_summary(writer, state, images, step)
         if step % ckpt_every == 0 or step == total_steps:
           consume()  # never save a state whose loss was not checked
           ckpt.save(step, state, iterator)
