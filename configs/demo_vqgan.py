@@ -1,0 +1,74 @@
+r"""The bundled demo model, step 1 of 2: a small VQGAN base tokenizer on offline data.
+
+64x64 images, 2 downsamplings (a 16x16 grid as in the paper), trained with
+`configs/vqgan_train.py`'s objective minus the parts that need weights a fresh machine does not
+have: LPIPS needs VGG16 weights (none ship offline), so `lpips.weight = 0`; the GAN stays off
+(its discriminator needs LPIPS-quality reconstructions to help, and CPU time is short). What
+remains is taming's L1 reconstruction + VQ codebook/commitment loss. Data: the `demo:` source
+(crops of the photos scikit-image / scikit-learn / matplotlib ship, plus procedural images of
+controlled complexity; `alit_jax/data/demo_data.py`). The held-out photos in
+`alit_jax/assets/samples` are never seen in training.
+
+The full recipe (measured times in experiments/README.md, "Demo model"):
+
+  python -m alit_jax.train --config=configs/demo_vqgan.py --workdir=runs/demo_vqgan
+  python -m alit_jax.train.export runs/demo_vqgan --out runs/demo_vqgan_export
+  python -m alit_jax.train --config=configs/demo_alit.py \
+    --config.base_checkpoint=runs/demo_vqgan_export --workdir=runs/demo_alit
+  python -m alit_jax.train.export runs/demo_alit --out alit_jax/assets/demo
+
+Quick check (a few steps): `--config=configs/demo_vqgan.py:runlocal`.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from configs import common, vqgan_train
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  """Demo VQGAN config; `arg` may be "runlocal" (a few steps on a few images)."""
+  a = common.parse_arg(arg, runlocal=False)
+  c = vqgan_train.get_config("variant=demo")
+  c.model.ch = 32
+  c.model.ch_mult = (1, 2, 2)
+  c.model.num_res_blocks = 1
+  c.model.embed_dim = 32
+  c.model.n_embed = 256
+
+  c.input.data = "demo:num_examples=200000,image_size=64"
+  c.input.global_batch_size = 32
+  c.input.worker_count = 1
+  c.input.num_threads = 2
+  c.input.prefetch_buffer_size = 8
+  c.input.scale = (0.5, 1.0)
+
+  del c.total_epochs, c.warmup_epochs
+  c.total_steps = 700
+  c.warmup_steps = 50
+  del c.blr
+  c.lr = 1e-3
+  c.min_lr = 1e-4
+  c.optimizer.b1 = 0.9
+  c.optimizer.b2 = 0.99
+  c.ema.decay = 0.995
+
+  c.lpips.weight = 0.0
+  c.gan.weights = (0.0,)
+  c.gan.start_epochs = ()
+
+  del c.image_summary_every_epochs, c.checkpoint_every_epochs, c.keep_every_epochs
+  c.log_every_steps = 50
+  c.image_summary_every_steps = 350
+  c.checkpoint_every_steps = 100
+  c.keep_checkpoints = 1
+  if a.runlocal:
+    c.input.data = "demo:num_examples=64,image_size=64"
+    c.input.global_batch_size = 8
+    c.total_steps = 6
+    c.warmup_steps = 1
+    c.log_every_steps = 2
+    c.image_summary_every_steps = 6
+    c.checkpoint_every_steps = 6
+  return c
