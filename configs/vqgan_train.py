@@ -65,7 +65,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     del c.rollout_impl
   c.model = ml_collections.ConfigDict(VARIANTS["test" if a.runlocal else a.variant])
 
-  c.vq = ml_collections.ConfigDict(dict(beta=0.25, codebook_weight=1.0))
+  # restart_dead_codes_every_steps > 0: codes no feature of the batch chose move onto random
+  # encoder features every that many steps (not in taming; see gan_steps.VQGANTask).
+  c.vq = ml_collections.ConfigDict(
+    dict(beta=0.25, codebook_weight=1.0, restart_dead_codes_every_steps=0)
+  )
 
   c.input.global_batch_size = 64
   c.total_epochs = 40

@@ -696,3 +696,34 @@ def test_init_from_stage1_and_stage2_workdirs(ft_run, tmp_path):
     trainer.train_and_evaluate(
       _ft_config(init_from=str(workdir), total_steps=0, **{"model.test.width": 32}), tmp_path / "c"
     )
+
+
+def test_dead_code_restart_moves_only_unused_codes():
+  """`vq.restart_dead_codes_every_steps`: on a due step, codes no feature of the batch chose move
+  onto encoder features of that batch, in both params and EMA; used codes and off-steps are
+  untouched.
+
+  Fails if restarts overwrite live codes, miss the EMA (the exported weights), or fire off
+  schedule.
+  """
+  cfg = gan_stage.vqgan_model_config(vqgan_train.get_config("runlocal").model)
+  task = gan_steps.VQGANTask(VQGAN(cfg, jnp.float32), restart_dead_codes_every=3)
+  params = task.init_params(jax.random.key(0))
+  x = jnp.asarray(np.random.default_rng(0).random((2, 64, 64, 3)), jnp.float32)
+  z = task.base.apply({"params": params["base"]}, x, method=lambda m, v: m.encoder(v))
+  z = np.asarray(z).reshape(-1, z.shape[-1])
+  cb = np.asarray(gan_steps._get(params, gan_steps.CODEBOOK)).copy()
+  cb[0] = z.mean(0)  # the only live code: every other one is far from all features
+  cb[1:] = 1e3 + np.arange(1, cb.shape[0])[:, None]
+  params = gan_steps._set(params, gan_steps.CODEBOOK, jnp.asarray(cb))
+  state = {"params": params, "ema_params": params}
+  root = jax.random.key(1)
+  off = task.restart_dead_codes(state, x, root, jnp.int32(0))
+  np.testing.assert_array_equal(gan_steps._get(off["params"], gan_steps.CODEBOOK), cb)
+  on = task.restart_dead_codes(state, x, root, jnp.int32(2))
+  for name in ("params", "ema_params"):
+    new = np.asarray(gan_steps._get(on[name], gan_steps.CODEBOOK))
+    np.testing.assert_array_equal(new[0], cb[0])
+    dist = ((new[1:, None, :] - z[None]) ** 2).sum(-1).min(1)
+    np.testing.assert_allclose(dist, 0.0, atol=1e-8)
+    assert len({tuple(r) for r in new[1:]}) > 1  # random picks, not one feature copied

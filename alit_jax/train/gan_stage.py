@@ -150,6 +150,7 @@ class GanStage:
         VQGAN(base_cfg, dtype),
         beta=float(config.vq.beta),
         codebook_weight=float(config.vq.codebook_weight),
+        restart_dead_codes_every=int(config.vq.get("restart_dead_codes_every_steps", 0)),
       )
       self.image_size = base_cfg.resolution
       self.name = f"vqgan (ch {base_cfg.ch}, ch_mult {base_cfg.ch_mult}, {base_cfg.n_embed} codes)"

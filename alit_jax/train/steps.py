@@ -43,6 +43,7 @@ STREAMS = {
   "dropout": 5,  # LPIPS heads' dropout
   "disc_params": 6,  # discriminator initialisation
   "posterior": 7,  # VAE posterior samples
+  "codes": 8,  # VQGAN dead-code restarts
 }
 HPARAM_KEYS = ("lr", "min_lr", "warmup_steps", "total_steps", "ema_decay", "steps_per_epoch")
 
