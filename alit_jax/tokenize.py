@@ -80,7 +80,7 @@ def tokenize_paths(
   tok = Tokenizer.load(model, num_heads=num_heads)
   crit = criteria.get(criterion)
   if threshold is None:
-    threshold = crit.default_threshold
+    threshold = tok.default_threshold(crit)
   files = images_lib.list_images(paths)
   if not files:
     raise FileNotFoundError(f"no images found in {paths}")
@@ -182,7 +182,12 @@ def main(argv: list[str] | None = None) -> int:
     "--num-heads", type=int, default=None, help="attention heads for a non-reference checkpoint"
   )
   p.add_argument("--criterion", default="l1", choices=sorted(criteria.REGISTRY))
-  p.add_argument("--threshold", type=float, default=None, help="default: the criterion's (l1 0.07)")
+  p.add_argument(
+    "--threshold",
+    type=float,
+    default=None,
+    help="default: the model's (the demo: see its meta) or the criterion's (l1 0.07)",
+  )
   p.add_argument("--halting", default="off", choices=["off", "threshold", "sample"])
   p.add_argument("--out", default="tokenize_out")
   p.add_argument("--batch-size", type=int, default=8)

@@ -710,7 +710,7 @@ def tokenize_dataset(
   if not isinstance(criterion, str) or crit.name not in criteria.REGISTRY:
     raise ValueError("criterion must be a registered name (it is recorded in the job identity)")
   if threshold is None:
-    threshold = crit.default_threshold
+    threshold = tokenizer.default_threshold(crit)
   tdtype = token_dtype_for(tokenizer, token_dtype)
   if isinstance(data, str | os.PathLike):
     data = os.fspath(data)

@@ -410,11 +410,20 @@ class Tokenizer:
         reconstruct=reconstruct,
       )
 
+  def default_threshold(self, criterion: str | criteria.Criterion = "l1") -> float | None:
+    """The threshold used when none is given: the model's own (`meta["default_thresholds"]`,
+    written by `python -m alit_jax.train.export --default-threshold l1=T`) or the criterion's."""
+    crit = criteria.get(criterion)
+    own = self.meta.get("default_thresholds", {})
+    if crit.name in own:
+      return float(own[crit.name])
+    return crit.default_threshold
+
   def encode(
     self,
     images: Any,
     criterion: str | criteria.Criterion | Any = "l1",
-    threshold: float | None = 0.07,
+    threshold: float | None = None,
     *,
     halting: Literal["off", "threshold", "sample"] = "off",
     halting_threshold: float | None = None,
@@ -428,6 +437,8 @@ class Tokenizer:
       criterion: "l1", "mse", "psnr", a `criteria.Criterion`, or a callable
         `(images, reconstructions) -> (B,)` score (lower is better) or bool "meets" array.
       threshold: score threshold (l1/mse: score < threshold; psnr: score > threshold); None uses
+        `self.default_threshold(criterion)` (the criterion's default, l1 0.07, unless the model
+        records its own, as the demo model does for its 64x64 images);
         the criterion's default.
       halting, halting_threshold, rng: dynamic halting during the rollout (see `rollout`).
       early_exit: stop iterating once every image in the batch meets the criterion.
@@ -438,7 +449,7 @@ class Tokenizer:
     x, b = self._batch(images, pad=True)
     crit = criteria.get(criterion)
     if threshold is None:
-      threshold = crit.default_threshold
+      threshold = self.default_threshold(crit)
     if threshold is None:
       threshold = 0.0
     h = self._halting(halting, halting_threshold)

@@ -156,10 +156,17 @@ def test_workdir_loads_as_tokenizer_and_exports(run50, tmp_path):
     np.testing.assert_array_equal(got[k], want[k], err_msg=k)
   raw = _leaves(result["state"]["params"])
   assert any(not np.array_equal(raw[k], want[k]) for k in want)  # EMA != params
-  assert export.main([str(workdir), "--out", str(tmp_path / "exported")]) == 0
+  out = str(tmp_path / "exported")
+  assert export.main([str(workdir), "--out", out, "--default-threshold", "l1=0.2"]) == 0
   tok2 = Tokenizer.from_pretrained(tmp_path / "exported")
   for k, v in _leaves(tok2.variables).items():
     np.testing.assert_array_equal(v, _leaves(tok.variables)[k])
+  # The recorded default threshold is what encode uses when given none (0.07 otherwise).
+  assert tok2.default_threshold("l1") == 0.2 and tok.default_threshold("l1") == 0.07
+  x = np.random.default_rng(0).random((2, 64, 64, 3)).astype(np.float32)
+  assert tok2.encode(x).threshold == 0.2
+  with pytest.raises(SystemExit):
+    export.main([str(workdir), "--out", str(tmp_path / "x"), "--default-threshold", "l9=1"])
 
 
 def test_init_from_workdir_starts_from_its_ema(run50, tmp_path):

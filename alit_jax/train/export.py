@@ -15,7 +15,7 @@ import pathlib
 import sys
 from typing import Any
 
-from alit_jax import checkpoint
+from alit_jax import checkpoint, criteria
 from alit_jax.models.configs import ModelConfig
 from alit_jax.train import checkpoints
 
@@ -105,6 +105,7 @@ def export_pretrained(
   step: int | None = None,
   ema: bool = True,
   overwrite: bool = False,
+  default_thresholds: dict[str, float] | None = None,
 ) -> pathlib.Path:
   """Writes a pretrained directory (`Tokenizer.from_pretrained(out)`) from an ALIT workdir, or a
   base tokenizer directory (`checkpoint.load_base(out)`, `config.base_checkpoint`) from a
@@ -113,6 +114,8 @@ def export_pretrained(
     cfg, variables, meta = load_base_workdir(workdir, step=step, ema=ema)
     return checkpoint.save_base(out, cfg, variables, meta=meta, overwrite=overwrite)
   config, variables, meta = load_workdir(workdir, step=step, ema=ema)
+  if default_thresholds:
+    meta = dict(meta, default_thresholds=dict(default_thresholds))
   return checkpoint.save_pretrained(out, config, variables, meta=meta, overwrite=overwrite)
 
 
@@ -128,10 +131,34 @@ def main(argv=None) -> int:
   p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
   p.add_argument("--params", action="store_true", help="raw params instead of the EMA")
   p.add_argument("--overwrite", action="store_true")
+  p.add_argument(
+    "--default-threshold",
+    action="append",
+    default=[],
+    metavar="CRIT=T",
+    help="record the model's default threshold for a criterion (e.g. l1=0.05; repeatable), used "
+    "by Tokenizer.encode / tokenize when no threshold is given",
+  )
   args = p.parse_args(argv)
+  thresholds = {}
+  for item in args.default_threshold:
+    name, eq, value = item.partition("=")
+    try:
+      thresholds[name.strip()] = float(value)
+    except ValueError:
+      p.error(f"--default-threshold expects CRIT=T, got {item!r}")
+    if not eq or name.strip() not in criteria.REGISTRY:
+      p.error(
+        f"--default-threshold expects CRIT=T with CRIT in {sorted(criteria.REGISTRY)}, got {item!r}"
+      )
   try:
     out = export_pretrained(
-      args.workdir, args.out, step=args.step, ema=not args.params, overwrite=args.overwrite
+      args.workdir,
+      args.out,
+      step=args.step,
+      ema=not args.params,
+      overwrite=args.overwrite,
+      default_thresholds=thresholds,
     )
   except (FileNotFoundError, FileExistsError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)

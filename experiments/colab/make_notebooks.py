@@ -72,7 +72,7 @@ print("mean L1 per token count:", dict(zip(tok.token_counts, np.round(l1.mean(1)
 """),
   ("markdown", "## Per-image minimum length\n\n`encode` keeps, per image, the fewest tokens whose "
    "reconstruction L1 is below the threshold (and stops iterating once every image is done)."),
-  ("code", """threshold = tok.meta.get("default_threshold", 0.07)
+  ("code", """threshold = tok.default_threshold("l1")  # 0.07, or the model's own (the demo records one)
 enc = tok.encode(images, criterion="l1", threshold=threshold)
 for n_, length, s in zip(names, np.asarray(enc.lengths), np.asarray(enc.scores).T):
   print(f"{n_:>24}: {int(length):3d} tokens")
@@ -126,6 +126,8 @@ def write(cells, path):
   nb = nbf.v4.new_notebook()
   nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
   nb.cells = [nbf.v4.new_markdown_cell(s) if k == "markdown" else nbf.v4.new_code_cell(s) for k, s in cells]
+  for i, cell in enumerate(nb.cells):
+    cell["id"] = f"{pathlib.Path(path).stem}-{i:02d}"  # stable ids: no diff on regeneration
   nbf.write(nb, path)
 
 
