@@ -36,6 +36,12 @@ EXTRAS = {
         "matplotlib",
         "scikit-image",
     ],
+    # Training the bundled demo model (configs/demo_*.py): the photos these packages ship.
+    "demo": [
+        "scikit-image",
+        "scikit-learn",
+        "matplotlib",
+    ],
     # torch is only used by tests that compare against plain-torch networks; the 2.13.0 CPU
     # wheel is taken from local disk on the project machines (a plain `torch` pulls CUDA).
     "test": [
@@ -43,6 +49,7 @@ EXTRAS = {
         "pytest-timeout",
         "torch==2.13.0",
         "scikit-image",
+        "scikit-learn",
         "scipy",
         "matplotlib",
         "nbclient",
@@ -50,6 +57,7 @@ EXTRAS = {
         "nbformat",
     ],
 }
+EXTRAS["demo"] = sorted(set(EXTRAS["demo"] + EXTRAS["train"]))
 EXTRAS["test"] = sorted(set(EXTRAS["test"] + EXTRAS["train"]))
 EXTRAS["all"] = sorted(set(sum(EXTRAS.values(), [])))
 

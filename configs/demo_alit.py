@@ -41,7 +41,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model.image_size = 64
   c.model.patch_size = 4
 
-  c.input.data = "demo:num_examples=200000,image_size=64"
+  c.input.data = "demo:num_examples=200000,image_size=64,all_photos=1"
   c.input.global_batch_size = 32
   c.input.worker_count = 1
   c.input.num_threads = 2

@@ -37,7 +37,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model.embed_dim = 32
   c.model.n_embed = 256
 
-  c.input.data = "demo:num_examples=200000,image_size=64"
+  c.input.data = "demo:num_examples=200000,image_size=64,all_photos=1"
   c.input.global_batch_size = 32
   c.input.worker_count = 1
   c.input.num_threads = 2

@@ -38,6 +38,10 @@ SKIMAGE_RGB = (
 )
 SKIMAGE_GREY = ("camera", "brick", "grass", "gravel", "moon", "coins", "clock")
 HELD_OUT_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket")
+# Every photo the demo model was trained on (`all_photos=1` insists on these, so the recipe
+# cannot silently train on fewer photos where a package is missing).
+ALL_PHOTOS = SKIMAGE_RGB + SKIMAGE_GREY + ("china", "flower", "grace_hopper")
+INSTALL_HINT = "pip install scikit-image scikit-learn matplotlib  (or: pip install -e '.[demo]')"
 LABEL_NAMES = ("photo",) + tuple(synthetic_lib.KINDS)
 
 
@@ -116,6 +120,8 @@ class DemoSource:
     seed: int = 0,
     split: str = "train",
     photo_fraction: float = 0.5,
+    *,
+    all_photos: bool = False,
   ):
     if num_examples <= 0:
       raise ValueError(f"demo num_examples must be > 0, got {num_examples}")
@@ -125,10 +131,16 @@ class DemoSource:
     self.split = split
     self.photo_fraction = float(photo_fraction)
     self._names = photo_names(split)
+    missing = sorted(set(ALL_PHOTOS) - set(photo_pool()))
+    if all_photos and missing:
+      raise ValueError(
+        f"demo source: photos {missing} are not available offline; install the packages that "
+        f"ship them: {INSTALL_HINT}"
+      )
     if not self._names and self.photo_fraction > 0:
       raise ValueError(
-        f"demo source ({split}): no photos available offline; install scikit-image (and "
-        "optionally scikit-learn, matplotlib), or use photo_fraction=0"
+        f"demo source ({split}): no photos available offline; {INSTALL_HINT}, or use "
+        "photo_fraction=0"
       )
 
   @property

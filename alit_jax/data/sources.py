@@ -370,7 +370,7 @@ def get_source(spec: str, split: str = "train", data_dir: str | None = None, **o
     }
     opts.update(_parse_options(arg))
     opts.update(options)
-    unknown = set(opts) - {"num_examples", "image_size", "seed", "photo_fraction"}
+    unknown = set(opts) - {"num_examples", "image_size", "seed", "photo_fraction", "all_photos"}
     if unknown:
       raise ValueError(f"unknown demo options {sorted(unknown)}")
     return demo_data.DemoSource(
@@ -379,6 +379,7 @@ def get_source(spec: str, split: str = "train", data_dir: str | None = None, **o
       int(opts["seed"]),
       "train" if split.startswith("train") else "validation",
       float(opts.get("photo_fraction", 0.5)),
+      all_photos=str(opts.get("all_photos", "0")).lower() in ("1", "true", "yes"),
     )
 
   if name == "folder":
