@@ -1,7 +1,7 @@
 r"""Tokenize images with an adaptive number of tokens.
 
     python -m alit_jax.tokenize PATH... [--model demo|DIR|CKPT] [--num-heads N]
-        [--criterion l1] [--threshold T] [--halting off] [--out OUT] [--batch-size B]
+        [--criterion l1] [--threshold T] [--halting off] [--out OUT] [--batch-size B] [--grid F]
 
 PATH are image files or folders (searched recursively). For every image the command prints the
 number of tokens chosen (the fewest whose reconstruction meets the criterion) and the
@@ -11,7 +11,8 @@ reconstruction error, and writes to OUT:
   `scores` (criterion at every token count), `token_counts`, `source` (the image path);
 * `<name>.png`: the input, then the reconstruction at every token count (32, 64, ..., 256), the
   chosen one framed in red, with the score under each;
-* `summary.csv`: one row per image.
+* `summary.csv`: one row per image;
+* with `--grid FILE`, every strip stacked into one picture.
 
 Unreadable files are reported by name and skipped; the others still run.
 """
@@ -38,10 +39,18 @@ def _grid(
   counts: list[int],
   crit: str,
 ) -> np.ndarray:
-  """(H, (N+1)*(W+pad), 3) uint8 strip: input, then every reconstruction, the chosen one framed."""
+  """(H, (N+1)*(W+pad), 3) uint8 strip: input, then every reconstruction, the chosen one framed.
+
+  Images narrower than 128 px are enlarged by an integer factor (nearest neighbour).
+  """
   from PIL import Image, ImageDraw
 
   h, w, _ = image.shape
+  zoom = max(1, -(-128 // w))  # small images (the 64x64 demo) shown at >= 128 px, nearest
+  if zoom > 1:
+    image = np.repeat(np.repeat(np.asarray(image), zoom, 0), zoom, 1)
+    recons = np.repeat(np.repeat(np.asarray(recons), zoom, 1), zoom, 2)
+    h, w = h * zoom, w * zoom
   pad, label = 4, 14
   n = len(recons)
   canvas = Image.new("RGB", ((n + 1) * (w + pad) + pad, h + 2 * pad + label), "white")
@@ -68,9 +77,13 @@ def tokenize_paths(
   out: str | os.PathLike = "tokenize_out",
   batch_size: int = 8,
   progress: bool = True,
+  grid: str | os.PathLike | None = None,
   log=print,
 ) -> list[dict]:
-  """Library form of the command; returns one summary dict per tokenized image."""
+  """Library form of the command; returns one summary dict per tokenized image.
+
+  With `grid`, also writes every image's strip stacked into one picture at that path.
+  """
   import jax
   from PIL import Image
   from tqdm import tqdm
@@ -87,7 +100,7 @@ def tokenize_paths(
   out = pathlib.Path(out)
   out.mkdir(parents=True, exist_ok=True)
   counts = tok.token_counts
-  rows, skipped = [], []
+  rows, skipped, strips = [], [], []
   log(
     f"model: {tok.config.name} ({model}), image size {tok.image_size}, criterion {crit.name} threshold {threshold}"
   )
@@ -130,9 +143,10 @@ def tokenize_paths(
         token_counts=np.asarray(counts),
         source=os.path.abspath(f),
       )
-      Image.fromarray(_grid(batch[b], recon[:, b], scores[:, b], it, counts, crit.name)).save(
-        out / f"{name}.png"
-      )
+      strip = _grid(batch[b], recon[:, b], scores[:, b], it, counts, crit.name)
+      Image.fromarray(strip).save(out / f"{name}.png")
+      if grid is not None:
+        strips.append(strip)
       score = float(scores[it, b])
       met = score > threshold if crit.higher_is_better else score < threshold
       rows.append(
@@ -164,6 +178,10 @@ def tokenize_paths(
     log(
       f"mean tokens per image: {np.mean([r['tokens'] for r in rows]):.1f} over {len(rows)} images"
     )
+  if grid is not None and strips:
+    pathlib.Path(grid).parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.concatenate(strips, axis=0)).save(grid)
+    log(f"wrote {grid} ({len(strips)} images)")
   if skipped:
     log(f"skipped {len(skipped)} unreadable file(s): " + ", ".join(f for f, _ in skipped))
   log(f"wrote {out}/ (<name>.npz tokens, <name>.png reconstructions, summary.csv)")
@@ -192,6 +210,7 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument("--out", default="tokenize_out")
   p.add_argument("--batch-size", type=int, default=8)
   p.add_argument("--no-progress", action="store_true")
+  p.add_argument("--grid", default=None, help="also write all strips stacked into this PNG")
   a = p.parse_args(argv)
   try:
     rows = tokenize_paths(
@@ -204,6 +223,7 @@ def main(argv: list[str] | None = None) -> int:
       out=a.out,
       batch_size=a.batch_size,
       progress=not a.no_progress,
+      grid=a.grid,
     )
   except (FileNotFoundError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)

@@ -37,6 +37,7 @@ def test_cli_writes_tokens_pictures_and_skips_unreadable_files(model_dir, tmp_pa
   out = tmp_path / "out"
   rc = tokenize.main(
     [str(src), "--model", str(model_dir), "--threshold", "0.3", "--out", str(out), "--no-progress"]
+    + ["--grid", str(tmp_path / "grid.png")]
   )
   text = capsys.readouterr().out
   assert rc == 0
@@ -53,6 +54,7 @@ def test_cli_writes_tokens_pictures_and_skips_unreadable_files(model_dir, tmp_pa
     row = next(line for line in text.splitlines() if line.startswith(f"good_{i} "))
     assert int(row.split()[1]) == length
   assert (out / "summary.csv").read_text().count("\n") == 4
+  assert Image.open(tmp_path / "grid.png").height == 3 * strip.height
 
 
 def test_cli_reports_missing_paths_and_models(model_dir, tmp_path, capsys):
