@@ -29,6 +29,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model.name = "test"  # models.configs.tiny_config(**model.test), base sizes from the base
   c.model.test = ml_collections.ConfigDict(
     dict(
+      name="alit_demo",
       width=128,
       layers=2,
       heads=1,
@@ -42,14 +43,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model.patch_size = 4
 
   c.input.data = "demo:num_examples=200000,image_size=64,all_photos=1"
-  c.input.global_batch_size = 32
+  c.input.global_batch_size = 16
   c.input.worker_count = 1
   c.input.num_threads = 2
   c.input.prefetch_buffer_size = 8
   c.input.scale = (0.5, 1.0)
 
   del c.total_epochs, c.warmup_epochs, c.blr
-  c.total_steps = 600
+  c.total_steps = 700
   c.warmup_steps = 30
   c.lr = 1e-3
   c.min_lr = 1e-4
@@ -59,7 +60,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   del c.image_summary_every_epochs, c.checkpoint_every_epochs, c.keep_every_epochs
   c.log_every_steps = 20
-  c.image_summary_every_steps = 300
+  c.image_summary_every_steps = 350
   c.checkpoint_every_steps = 50
   c.keep_checkpoints = 1
   if a.runlocal:

@@ -88,7 +88,9 @@ def build_model_config(model_cfg: ml_collections.ConfigDict) -> model_configs.Mo
   if name == "test":
     test = dict(model_cfg.get("test", {}))
     test.update(size)
-    return model_configs.tiny_config(model_cfg.base, **kw, **test)
+    label = test.pop("name", None)  # e.g. "alit_demo": the name the exported model reports
+    config = model_configs.tiny_config(model_cfg.base, **kw, **test)
+    return dataclasses.replace(config, name=label) if label else config
   config = model_configs.named_config(name, model_cfg.base, **kw)
   if size:
     config = dataclasses.replace(config, alit=dataclasses.replace(config.alit, **size))
