@@ -650,7 +650,7 @@ def test_configs_build_specs_and_reference_schedule():
     assert gan_stage.gan_schedule(c, 10, 1).plan(0).kinds == ("gen",)
   c = vqgan_train.get_config("variant=demo")
   c.model.ch = 48
-  with pytest.raises(ValueError, match="multiples of 32"):
+  with pytest.raises(ValueError, match="multiples of 32, which the VQGAN.s GroupNorm.32."):
     gan_stage.vqgan_model_config(c.model)
 
 

@@ -33,10 +33,10 @@ def swish(x: jax.Array) -> jax.Array:
   return x * jax.nn.sigmoid(x)
 
 
-def group_norm(name: str) -> nn.GroupNorm:
-  """`GroupNorm(32, eps=1e-6)` with float32 two-pass statistics."""
+def group_norm(name: str, groups: int = 32) -> nn.GroupNorm:
+  """`GroupNorm(groups, eps=1e-6)` with float32 two-pass statistics (the reference: 32)."""
   return nn.GroupNorm(
-    num_groups=32, epsilon=1e-6, dtype=jnp.float32, use_fast_variance=False, name=name
+    num_groups=groups, epsilon=1e-6, dtype=jnp.float32, use_fast_variance=False, name=name
   )
 
 
@@ -69,13 +69,14 @@ class ResnetBlock(nn.Module):
   out_channels: int
   kind: str  # "vqgan" | "vae"
   dtype: Dtype = jnp.float32
+  groups: int = 32
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     bias = self.kind == "vae"
-    h = swish(group_norm("norm1")(x))
+    h = swish(group_norm("norm1", self.groups)(x))
     h = conv(self.out_channels, 3, "conv1", bias=bias, dtype=self.dtype)(h)
-    h = swish(group_norm("norm2")(h))
+    h = swish(group_norm("norm2", self.groups)(h))
     h = conv(self.out_channels, 3, "conv2", bias=bias, dtype=self.dtype)(h).astype(jnp.float32)
     if self.in_channels != self.out_channels:
       if self.kind == "vqgan":
@@ -141,12 +142,15 @@ class Level(nn.Module):
   resample: str | None  # None | "down_pool" | "down_conv" | "up"
   kind: str
   dtype: Dtype = jnp.float32
+  groups: int = 32
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     ch = self.in_channels
     for j in range(self.num_blocks):
-      x = ResnetBlock(ch, self.out_channels, self.kind, self.dtype, name=f"block_{j}")(x)
+      x = ResnetBlock(ch, self.out_channels, self.kind, self.dtype, self.groups, name=f"block_{j}")(
+        x
+      )
       ch = self.out_channels
       if self.attn:
         x = AttnBlock(ch, self.dtype, name=f"attn_{j}")(x)
@@ -161,13 +165,15 @@ class Mid(nn.Module):
   channels: int
   kind: str
   dtype: Dtype = jnp.float32
+  groups: int = 32
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    x = ResnetBlock(self.channels, self.channels, self.kind, self.dtype, name="block_1")(x)
+    c, g = self.channels, self.groups
+    x = ResnetBlock(c, c, self.kind, self.dtype, g, name="block_1")(x)
     if self.kind == "vae":
       x = AttnBlock(self.channels, self.dtype, name="attn_1")(x)
-    return ResnetBlock(self.channels, self.channels, self.kind, self.dtype, name="block_2")(x)
+    return ResnetBlock(c, c, self.kind, self.dtype, g, name="block_2")(x)
 
 
 class Encoder(nn.Module):
@@ -181,6 +187,7 @@ class Encoder(nn.Module):
   resolution: int = 256
   attn_resolutions: tuple[int, ...] = ()
   dtype: Dtype = jnp.float32
+  groups: int = 32
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -199,13 +206,14 @@ class Encoder(nn.Module):
         resample=None if last else ("down_conv" if vae else "down_pool"),
         kind=self.kind,
         dtype=self.dtype,
+        groups=self.groups,
         name=f"down_{i}",
       )(h)
       if not last:
         res //= 2
     block_in = self.ch * self.ch_mult[-1]
-    h = Mid(block_in, self.kind, self.dtype, name="mid")(h)
-    h = swish(group_norm("norm_out")(h))
+    h = Mid(block_in, self.kind, self.dtype, self.groups, name="mid")(h)
+    h = swish(group_norm("norm_out", self.groups)(h))
     k = 3 if vae else 1
     return conv(self.out_channels, k, "conv_out", dtype=self.dtype)(h).astype(jnp.float32)
 
@@ -221,6 +229,7 @@ class Decoder(nn.Module):
   resolution: int = 256
   attn_resolutions: tuple[int, ...] = ()
   dtype: Dtype = jnp.float32
+  groups: int = 32
 
   @nn.compact
   def __call__(self, z: jax.Array, features_only: bool = False) -> jax.Array:
@@ -230,7 +239,7 @@ class Decoder(nn.Module):
     block_in = self.ch * self.ch_mult[-1]
     res = self.resolution // 2 ** (n - 1)
     h = conv(block_in, 3, "conv_in", dtype=self.dtype)(z).astype(jnp.float32)
-    h = Mid(block_in, self.kind, self.dtype, name="mid")(h)
+    h = Mid(block_in, self.kind, self.dtype, self.groups, name="mid")(h)
     nblocks = self.num_res_blocks + 1 if vae else self.num_res_blocks
     for i in reversed(range(n)):
       out = self.ch * self.ch_mult[i]
@@ -242,12 +251,13 @@ class Decoder(nn.Module):
         resample="up" if i != 0 else None,
         kind=self.kind,
         dtype=self.dtype,
+        groups=self.groups,
         name=f"up_{i}",
       )(h)
       block_in = out
       if i != 0:
         res *= 2
-    h = swish(group_norm("norm_out")(h))
+    h = swish(group_norm("norm_out", self.groups)(h))
     if features_only:
       return h
     return conv(self.out_ch, 3, "conv_out", dtype=self.dtype)(h).astype(jnp.float32)
@@ -327,9 +337,17 @@ class VQGAN(nn.Module):
       "vqgan",
       c.resolution,
       dtype=self.dtype,
+      groups=c.norm_groups,
     )
     self.decoder = Decoder(
-      c.ch, tuple(c.ch_mult), c.num_res_blocks, c.out_ch, "vqgan", c.resolution, dtype=self.dtype
+      c.ch,
+      tuple(c.ch_mult),
+      c.num_res_blocks,
+      c.out_ch,
+      "vqgan",
+      c.resolution,
+      dtype=self.dtype,
+      groups=c.norm_groups,
     )
     self.quantize = Codebook(c.n_embed, c.embed_dim)
 

@@ -32,6 +32,9 @@ class VQGANConfig:
   in_channels: int = 3
   out_ch: int = 3
   resolution: int = 256
+  # GroupNorm groups (the reference: 32). Small VQGANs need fewer: with one channel per group
+  # (ch 32) a flat feature map normalises to zero, so flat colours cannot be represented.
+  norm_groups: int = 32
 
   @property
   def kind(self) -> str:

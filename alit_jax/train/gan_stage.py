@@ -53,11 +53,12 @@ VQGAN_STAGE = "vqgan"
 def vqgan_model_config(model: ml_collections.ConfigDict) -> model_configs.VQGANConfig:
   """The VQGAN to train from `config.model` of `configs/vqgan_train.py`."""
   ch_mult = tuple(int(m) for m in model.ch_mult)
-  bad = [int(model.ch) * m for m in (1,) + ch_mult if (int(model.ch) * m) % 32]
+  groups = int(model.get("norm_groups", 32))
+  bad = [int(model.ch) * m for m in (1,) + ch_mult if (int(model.ch) * m) % groups]
   if bad:
     raise ValueError(
-      f"config.model: channel counts {bad} (ch x ch_mult) are not multiples of 32, which the "
-      "VQGAN's GroupNorm(32) needs"
+      f"config.model: channel counts {bad} (ch x ch_mult) are not multiples of {groups}, which "
+      f"the VQGAN's GroupNorm({groups}) needs (config.model.norm_groups)"
     )
   if int(model.image_size) % 2 ** (len(ch_mult) - 1):
     raise ValueError(
@@ -72,6 +73,7 @@ def vqgan_model_config(model: ml_collections.ConfigDict) -> model_configs.VQGANC
     embed_dim=int(model.embed_dim),
     n_embed=int(model.n_embed),
     resolution=int(model.image_size),
+    norm_groups=groups,
   )
 
 
