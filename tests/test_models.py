@@ -142,3 +142,25 @@ def test_state_dict_round_trip_and_inference(variant):
   assert not gan
   for a, b in zip(jax.tree.leaves(variables), jax.tree.leaves(tok.variables)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_vqgan_small_model_options():
+  """`norm_groups` and `signed_input` (used by the demo VQGAN) reach the network, and their
+  defaults are the reference's (GroupNorm(32), the encoder fed x in [0, 1]).
+
+  Breaks if an option is silently ignored or the defaults drift from the reference.
+  """
+  from alit_jax.models.base_tokenizers import VQGAN
+  from alit_jax.models.configs import VQGANConfig
+
+  ref_cfg = VQGANConfig()
+  assert ref_cfg.norm_groups == 32 and not ref_cfg.signed_input
+  base = dict(ch=32, ch_mult=(1, 2), num_res_blocks=1, z_channels=8, embed_dim=8, n_embed=16)
+  x = np.random.default_rng(0).random((1, 32, 32, 3)).astype(np.float32)
+  ref = VQGAN(VQGANConfig(resolution=32, **base))
+  v = ref.init(jax.random.key(0), x)
+  feats = lambda m, a: np.asarray(m.apply(v, a, method=VQGAN.features))  # noqa: E731
+  signed = VQGAN(VQGANConfig(resolution=32, signed_input=True, **base))
+  np.testing.assert_allclose(feats(signed, x), feats(ref, 2 * x - 1), rtol=1e-6, atol=1e-6)
+  grouped = VQGAN(VQGANConfig(resolution=32, norm_groups=8, **base))
+  assert np.abs(feats(grouped, x) - feats(ref, x)).max() > 1e-3

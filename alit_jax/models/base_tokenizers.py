@@ -365,10 +365,17 @@ class VQGAN(nn.Module):
     Returns:
       features (B, h, w, E) and indices (B, h*w) int32, token t = row * w + col.
     """
-    feats = self.encoder(images)
+    feats = self.features(images)
     b, h, w, e = feats.shape
     idx = nearest_code(feats, self.codebook()).reshape(b, h * w)
     return feats, idx
+
+  def features(self, images: jax.Array) -> jax.Array:
+    """(B, H, W, 3) in [0, 1] -> (B, h, w, E) pre-quantization features (the encoder's input is
+    2x - 1 with `config.signed_input`, else x as the reference)."""
+    if self.config.signed_input:
+      images = images * 2.0 - 1.0
+    return self.encoder(images)
 
   def codebook(self) -> jax.Array:
     """(n_embed, E) codebook."""

@@ -35,6 +35,10 @@ class VQGANConfig:
   # GroupNorm groups (the reference: 32). Small VQGANs need fewer: with one channel per group
   # (ch 32) a flat feature map normalises to zero, so flat colours cannot be represented.
   norm_groups: int = 32
+  # Feed the encoder 2x - 1 instead of x in [0, 1] (the reference: x). Bias-free convolutions and
+  # GroupNorm make the encoder nearly blind to the brightness of flat regions on [0, 1] inputs: a
+  # probe training on flat colours reached L1 0.25 in 60 steps with x and 0.15 with 2x - 1.
+  signed_input: bool = False
 
   @property
   def kind(self) -> str:

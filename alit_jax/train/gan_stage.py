@@ -74,6 +74,7 @@ def vqgan_model_config(model: ml_collections.ConfigDict) -> model_configs.VQGANC
     n_embed=int(model.n_embed),
     resolution=int(model.image_size),
     norm_groups=groups,
+    signed_input=bool(model.get("signed_input", False)),
   )
 
 

@@ -267,7 +267,7 @@ class VQGANTask:
   def quantize(self, params: Any, x: jax.Array) -> tuple[jax.Array, jax.Array, dict]:
     """Straight-through quantized features (B, h, w, E), VQ loss, metrics."""
     base_vars = {"params": params["base"]}
-    z = self.base.apply(base_vars, x, method=lambda m, v: m.encoder(v))
+    z = self.base.apply(base_vars, x, method=VQGAN.features)
     codebook = self.base.apply(base_vars, method=VQGAN.codebook)
     idx = nearest_code(z, codebook)
     zq = codebook[idx].astype(jnp.float32)
@@ -301,7 +301,7 @@ class VQGANTask:
     def restart(st):
       params = st["params"]
       base_vars = {"params": params["base"]}
-      z = self.base.apply(base_vars, x, method=lambda m, v: m.encoder(v))
+      z = self.base.apply(base_vars, x, method=VQGAN.features)
       codebook = self.base.apply(base_vars, method=VQGAN.codebook)
       z = z.reshape(-1, z.shape[-1]).astype(jnp.float32)
       idx = nearest_code(z, codebook)
