@@ -50,7 +50,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.input.scale = (0.5, 1.0)
 
   del c.total_epochs, c.warmup_epochs, c.blr
-  c.total_steps = 600
+  c.total_steps = 500
   c.warmup_steps = 30
   c.lr = 1e-3
   c.min_lr = 1e-4
@@ -60,7 +60,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   del c.image_summary_every_epochs, c.checkpoint_every_epochs, c.keep_every_epochs
   c.log_every_steps = 20
-  c.image_summary_every_steps = 300
+  c.image_summary_every_steps = 250
   c.checkpoint_every_steps = 50
   c.keep_checkpoints = 1
   if a.runlocal:

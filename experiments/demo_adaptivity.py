@@ -102,7 +102,8 @@ def main(argv=None) -> int:
     print(f"tokens chosen: mean {rep['mean_tokens']:.1f}; histogram {hist}")
     sp = rep["spearman_tokens_vs"]
     print(
-      "Spearman(tokens chosen, complexity): " + ", ".join(f"{k} {fmt(v)}" for k, v in sp.items())
+      "Spearman(tokens chosen, complexity): "
+      + ", ".join(f"{k} rho {fmt(v['rho'])} (p {fmt(v['p'], '.1e')})" for k, v in sp.items())
     )
   write_json(out / "adaptivity.json", reports)
   print(f"\nwrote {out / 'adaptivity.json'}")
