@@ -9,7 +9,7 @@ remains is taming's L1 reconstruction + VQ codebook/commitment loss. Data: the `
 controlled complexity; `alit_jax/data/demo_data.py`). The held-out photos in
 `alit_jax/assets/samples` are never seen in training.
 
-The full recipe (measured times in experiments/README.md, "Demo model"):
+The full recipe (measured times and status: README.md, "Demo model"):
 
   python -m alit_jax.train --config=configs/demo_vqgan.py --workdir=runs/demo_vqgan
   python -m alit_jax.train.export runs/demo_vqgan --out runs/demo_vqgan_export
