@@ -32,12 +32,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   a = common.parse_arg(arg, runlocal=False)
   c = vqgan_train.get_config("variant=demo")
   c.model.ch = 32
-  # GroupNorm over 4 channels: with the reference's 32 groups at ch 32 (one channel per group)
-  # a spatially flat feature map normalises to exactly zero, so the decoder's 32-channel level
-  # maps every flat image to the same colour (a first run: L1 0.24 on flat images).
+  # GroupNorm over 4 channels instead of the reference's 32 groups (one channel per group at
+  # ch 32). Measured on a probe trained on flat colours only (60 Adam steps, inputs 2x - 1):
+  # L1 0.15 with 8 groups vs 0.19 with 32.
   c.model.norm_groups = 8
-  # The encoder sees 2x - 1: on [0, 1] inputs it is nearly blind to the brightness of flat regions
-  # (a probe on flat colours: L1 0.25 after 60 steps with x, 0.15 with 2x - 1).
+  # The encoder sees 2x - 1 (a probe on flat colours: L1 0.25 after 60 steps with x in [0, 1],
+  # 0.15 with 2x - 1).
   c.model.signed_input = True
   c.model.ch_mult = (1, 2, 2)
   c.model.num_res_blocks = 1

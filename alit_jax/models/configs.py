@@ -32,12 +32,11 @@ class VQGANConfig:
   in_channels: int = 3
   out_ch: int = 3
   resolution: int = 256
-  # GroupNorm groups (the reference: 32). Small VQGANs need fewer: with one channel per group
-  # (ch 32) a flat feature map normalises to zero, so flat colours cannot be represented.
+  # GroupNorm groups (the reference: 32, i.e. one channel per group at ch 32). The demo VQGAN
+  # uses 8: a probe trained on flat colours reached L1 0.15 with 8 groups vs 0.19 with 32.
   norm_groups: int = 32
-  # Feed the encoder 2x - 1 instead of x in [0, 1] (the reference: x). Bias-free convolutions and
-  # GroupNorm make the encoder nearly blind to the brightness of flat regions on [0, 1] inputs: a
-  # probe training on flat colours reached L1 0.25 in 60 steps with x and 0.15 with 2x - 1.
+  # Feed the encoder 2x - 1 instead of x in [0, 1] (the reference: x). Measured on a probe trained
+  # on flat colours only (60 Adam steps, no quantizer): L1 0.25 with x, 0.15 with 2x - 1.
   signed_input: bool = False
 
   @property
