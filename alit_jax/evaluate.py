@@ -1037,30 +1037,49 @@ def parse_thresholds(text: str | None) -> list[float] | dict[str, list[float]] |
     ) from e
 
 
-def add_checkpoint_args(p: argparse.ArgumentParser) -> None:
-  """--checkpoint / --num-heads, shared by the experiments."""
+def add_checkpoint_args(p: argparse.ArgumentParser, *, default: str | None = None) -> None:
+  """--checkpoint / --num-heads, shared by the experiments (required unless `default`)."""
   p.add_argument(
     "--checkpoint",
-    required=True,
-    help="'demo', a pretrained dir (convert/save_pretrained/training workdir) or a PyTorch .pth",
+    required=default is None,
+    default=default,
+    help="'demo', a pretrained dir (convert/save_pretrained/training workdir) or a PyTorch .pth"
+    + (f" (default: {default})" if default else ""),
   )
   p.add_argument("--num-heads", type=int, default=None, help="heads of a .pth checkpoint")
 
 
-def add_data_args(p: argparse.ArgumentParser, *, multiple: bool = False) -> None:
-  """--data / --split / --data-dir / --max-images / --batch-size / --resize."""
+def add_data_args(
+  p: argparse.ArgumentParser,
+  *,
+  multiple: bool = False,
+  default_data: str | None = None,
+  batch_size: int = 16,
+) -> None:
+  """--data / --split / --data-dir / --max-images / --batch-size / --resize.
+
+  `--data` is required unless `default_data` is given (then a repeatable `--data` replaces it,
+  and the parsed value is None when not given).
+  """
   if multiple:
-    p.add_argument("--data", action="append", required=True, help="image source (repeatable)")
+    p.add_argument(
+      "--data",
+      action="append",
+      required=default_data is None,
+      default=None,
+      help="image source (repeatable)" + (f"; default: {default_data}" if default_data else ""),
+    )
   else:
     p.add_argument(
       "--data",
-      required=True,
+      required=default_data is None,
+      default=default_data,
       help="folder of images, folder:PATH, TFDS NAME[/SPLIT] or synthetic:...",
     )
   p.add_argument("--split", default="validation", help="split of TFDS / synthetic sources")
   p.add_argument("--data-dir", default=None, help="TFDS data_dir")
   p.add_argument("--max-images", type=int, default=None)
-  p.add_argument("--batch-size", type=int, default=16)
+  p.add_argument("--batch-size", type=int, default=batch_size)
   p.add_argument(
     "--resize",
     choices=("auto", "yes", "no"),

@@ -104,6 +104,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.loss = ml_collections.ConfigDict()
   c.loss.lam = (2.5, 2.0, 1.5, 1.25, 1.0, 1.0, 1.0, 1.0)
   c.loss.loss_iters = -1  # >0: loss at that many random iterations per step (sample_grad_iters)
+  # >0: run only the first that many iterations (a curriculum stage; not in the reference)
+  c.loss.rollout_iters = -1
   c.loss.halting = "sample"  # dynamic halting during training: off | threshold | sample
   c.loss.halting_threshold = config_dict.placeholder(float)  # None: 0.55 VQGAN, 0.025 VAE
   c.loss.vae_masking = False  # the reference's VAE halting masks nothing (quirk 3)

@@ -68,14 +68,8 @@ def report(tok, data: str, threshold: float, args) -> dict:
 
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-  p.add_argument("--checkpoint", default="demo", help="'demo' (default), a pretrained dir, a .pth")
-  p.add_argument("--num-heads", type=int, default=None)
-  p.add_argument("--data", action="append", default=None, help=f"default: {DEFAULT_DATA}")
-  p.add_argument("--split", default="validation")
-  p.add_argument("--data-dir", default=None)
-  p.add_argument("--max-images", type=int, default=None)
-  p.add_argument("--batch-size", type=int, default=32)
-  p.add_argument("--resize", choices=("auto", "yes", "no"), default="auto")
+  ev.add_checkpoint_args(p, default="demo")
+  ev.add_data_args(p, multiple=True, default_data=DEFAULT_DATA, batch_size=32)
   p.add_argument(
     "--threshold", type=float, default=None, help="L1 threshold (default: the model's, else 0.07)"
   )

@@ -436,3 +436,61 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
   assert all(np.isfinite(v).all() for v in _leaves(variables).values())
   rows = [r for r in _jsonl(tmp_path) if "train/loss" in r]
   assert all(np.isfinite(r["train/loss"]) for r in rows) and rows[-1]["step"] == saved
+
+
+def test_curriculum_rollout_iters_trains_only_the_first_iterations():
+  """`loss.rollout_iters=k` runs the first k iterations and equals them in the full rollout.
+
+  With halting off, iterations 0..k-1 do not depend on later ones, so their loss terms must
+  equal the full step's; the later iterations report zeros and are unmarked in `loss_iters`,
+  and their timestep embeddings get no gradient (AdamW's weight decay alone moves them). Fails
+  if the truncated model slices the wrong parameter rows, or if its metrics lose their (N,) shape
+  that the trainer's windows expect.
+  """
+  from alit_jax.models import rollout as rollout_lib
+
+  mc = model_configs.tiny_config()  # 3 iterations
+  model, base = ALIT(mc.alit), build_base(mc.base)
+  n, k = mc.alit.max_rollout_iters, 2
+  base_vars = trainer._init_random_base(mc.base, 64, np.uint32(2))
+  images = np.random.default_rng(0).integers(0, 256, (2, 64, 64, 3), dtype=np.uint8)
+  hp = steps.hparams(
+    lr=1e-3, min_lr=0.0, warmup_steps=0, total_steps=10, ema_decay=0.9, steps_per_epoch=5
+  )
+  off = rollout_lib.Halting("off")
+  out = {}
+  for name, spec in (
+    ("full", steps.Stage1Spec(halting=off)),
+    ("short", steps.Stage1Spec(halting=off, rollout_iters=k)),
+  ):
+    state = steps.create_train_state(jax.random.key(1), model, spec)
+    before = np.asarray(state["params"]["timestep_embedding"])
+    f = jax.jit(steps.train_step, static_argnums=(5, 6, 7))
+    new, m = f(state, base_vars, images, hp, np.uint32(3), model, base, spec)
+    out[name] = (before, np.asarray(new["params"]["timestep_embedding"]), jax.device_get(m))
+  (b0, full_te, mf), (b1, short_te, ms) = out["full"], out["short"]
+  np.testing.assert_array_equal(b0, b1)
+  np.testing.assert_array_equal(ms["loss_iters"], np.arange(n) < k)
+  for key in ("nll_loss", "code_loss", "quantization_loss"):
+    assert ms[key].shape == (n,), key
+    np.testing.assert_allclose(ms[key][:k], mf[key][:k], rtol=1e-5, err_msg=key)
+    assert np.all(ms[key][k:] == 0), key
+  assert float(ms["loss"]) < float(mf["loss"])
+  lr, wd = float(ms["lr"]), 0.05
+  np.testing.assert_allclose(short_te[k:], b1[k:] * (1 - lr * wd), rtol=1e-6, atol=1e-9)
+  assert np.abs(short_te[:k] - b1[:k] * (1 - lr * wd)).max() > 1e-5  # trained rows moved
+  assert np.abs(full_te[k:] - b0[k:] * (1 - lr * wd)).max() > 1e-5  # (the full step trains them)
+
+
+def test_metric_window_counts_boolean_iteration_masks():
+  """A boolean `*_iters` mask counts steps per iteration (summing bools would OR them).
+
+  Fails if per-iteration means over a logging window turn into sums (the curriculum's first
+  runs logged NLL 271 for a mean of 5.4 this way).
+  """
+  w = trainer._Window()
+  for v in (4.0, 6.0):
+    w.add_step([{"nll_loss": np.array([v, 0.0]), "loss_iters": np.array([True, False])}])
+  out = w.summary(1.0, 1)
+  assert out["nll_loss_0"] == pytest.approx(5.0)
+  assert out["nll_loss_1"] == 0.0

@@ -66,6 +66,9 @@ class Stage1Spec:
     impl: rollout implementation ("scan" or "unrolled").
     optimizer: clipping/AdamW settings.
     ema_reset_every_epoch: copy the params into the EMA at the first step of every epoch.
+    rollout_iters: > 0: a curriculum stage (not in the reference): the rollout stops after that
+      many iterations (the loss covers just those), so a step costs a fraction of the full one;
+      the other iterations' parameters get no gradient. Otherwise all iterations run.
   """
 
   halting: rollout_lib.Halting = rollout_lib.Halting("sample", 0.55)
@@ -74,6 +77,23 @@ class Stage1Spec:
   impl: str = "scan"
   optimizer: optim.OptimizerSpec = optim.OptimizerSpec()
   ema_reset_every_epoch: bool = True
+  rollout_iters: int = -1
+
+
+def truncated_model(model: ALIT, num_iters: int) -> tuple[ALIT, Any]:
+  """The same ALIT stopped after `num_iters` iterations, and its param shapes.
+
+  Only the parameters sized by the iteration count differ (`timestep_embedding`, the decoder's
+  `latent_token_positional_embedding`): the shorter model's are leading slices of the full ones.
+  """
+  short = ALIT(dataclasses.replace(model.config, max_rollout_iters=num_iters), dtype=model.dtype)
+  shapes = jax.eval_shape(lambda: init_params(short, jax.random.key(0)))
+  return short, shapes
+
+
+def slice_params(params: Any, shapes: Any) -> Any:
+  """Each leaf of `params` cut to the leading block of its `shapes` counterpart."""
+  return jax.tree.map(lambda p, s: p[tuple(slice(0, d) for d in s.shape)], params, shapes)
 
 
 def hparams(**values: float) -> dict[str, jax.Array]:
@@ -148,6 +168,11 @@ def train_step(
   x = to_float(images)
   base_out = jax.lax.stop_gradient(rollout_lib.base_encode(base, base_vars, x))
   n = model.config.max_rollout_iters
+  run_model, run_shapes = model, None
+  if 0 < spec.rollout_iters < n:
+    if 0 < spec.loss_iters < n:
+      raise ValueError("Stage1Spec: rollout_iters and loss_iters cannot both be set")
+    run_model, run_shapes = truncated_model(model, spec.rollout_iters)
   loss_iters = None
   if 0 < spec.loss_iters < n:
     loss_iters = losses.sample_loss_iters(
@@ -156,8 +181,10 @@ def train_step(
   halt_key = stream_key(root_key, "halting", step) if spec.halting.mode == "sample" else None
 
   def loss_fn(params):
+    if run_shapes is not None:
+      params = slice_params(params, run_shapes)
     return losses.stage1_loss(
-      model,
+      run_model,
       {"params": params},
       x,
       base_out,
@@ -169,6 +196,8 @@ def train_step(
     )
 
   (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+  if run_shapes is not None:
+    metrics = pad_iteration_metrics(metrics, spec.rollout_iters, n)
   grad_norm = optax.tree.norm(grads)
   lr = optim.lr_schedule(step, hp)
   tx = optim.make_optimizer(spec.optimizer, lambda count: optim.lr_schedule(count, hp))
@@ -187,6 +216,16 @@ def train_step(
     finite=jnp.isfinite(loss) & jnp.isfinite(grad_norm),
   )
   return new_state, metrics
+
+
+def pad_iteration_metrics(metrics: dict[str, jax.Array], k: int, n: int) -> dict[str, jax.Array]:
+  """(k,) per-iteration metrics of a truncated rollout padded to (n,); `loss_iters` marks k."""
+  out = {
+    key: jnp.pad(v, (0, n - k)) if v.ndim == 1 and v.shape[0] == k else v
+    for key, v in metrics.items()
+  }
+  out["loss_iters"] = (jnp.arange(n) < k).astype(jnp.float32)  # weights, as `stage1_loss`
+  return out
 
 
 def reconstruct(

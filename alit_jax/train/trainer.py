@@ -291,7 +291,8 @@ class _Window:
 
   def _add(self, m: dict[str, np.ndarray]) -> None:
     wkeys = [k for k in m if k.endswith("_iters")]
-    w = m[wkeys[0]] if wkeys else None
+    # float: summing boolean masks over steps would OR them instead of counting
+    w = np.asarray(m[wkeys[0]], np.float32) if wkeys else None
     for k, v in m.items():
       if k == "finite" or k in wkeys:
         continue
@@ -708,6 +709,12 @@ def stage1_spec(
     raise ValueError(
       f"config.rollout_impl must be 'scan' or 'unrolled', got {config.rollout_impl!r}"
     )
+  rollout_iters = int(config.loss.get("rollout_iters", -1))
+  if 0 < rollout_iters < n and 0 < config.loss.loss_iters < n:
+    raise ValueError(
+      f"config.loss.rollout_iters={rollout_iters} and config.loss.loss_iters="
+      f"{config.loss.loss_iters}: set at most one"
+    )
   return steps.Stage1Spec(
     halting=rollout_lib.Halting(
       config.loss.halting, float(threshold), bool(config.loss.vae_masking)
@@ -717,6 +724,7 @@ def stage1_spec(
     impl=config.rollout_impl,
     optimizer=optim.OptimizerSpec(**config.optimizer),
     ema_reset_every_epoch=bool(config.ema.reset_every_epoch),
+    rollout_iters=rollout_iters,
   )
 
 
