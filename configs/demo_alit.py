@@ -61,7 +61,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.input.scale = (0.5, 1.0)
 
   del c.total_epochs, c.warmup_epochs, c.blr
-  c.total_steps = 700
+  c.total_steps = 1000
   c.warmup_steps = 30
   c.lr = 1e-3
   c.min_lr = 1e-4
