@@ -2,10 +2,26 @@
 
 from __future__ import annotations
 
+import importlib.util
+import pathlib
+import sys
+
 import jax
 import numpy as np
 
 from alit_jax.tokenizer import Tokenizer
+
+EXPERIMENTS = pathlib.Path(__file__).resolve().parents[1] / "experiments"
+
+
+def load_experiment(name):
+  """Imports experiments/<name>.py as a module (the scripts import their sibling _common)."""
+  if str(EXPERIMENTS) not in sys.path:
+    sys.path.insert(0, str(EXPERIMENTS))
+  spec = importlib.util.spec_from_file_location(f"exp_{name}", EXPERIMENTS / f"{name}.py")
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod
 
 
 def fast_random_tokenizer(config, seed=0):

@@ -7,17 +7,13 @@ when the package ships no demo model.
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import pathlib
-import sys
 
 import numpy as np
 import pytest
+from helpers import load_experiment
 
 from alit_jax.tokenizer import DEMO_DIR
-
-EXPERIMENTS = pathlib.Path(__file__).resolve().parents[1] / "experiments"
 
 pytestmark = pytest.mark.skipif(
   not (DEMO_DIR / "config.json").is_file(),
@@ -27,13 +23,7 @@ pytestmark = pytest.mark.skipif(
 
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
-  if str(EXPERIMENTS) not in sys.path:
-    sys.path.insert(0, str(EXPERIMENTS))
-  spec = importlib.util.spec_from_file_location(
-    "exp_demo_adaptivity", EXPERIMENTS / "demo_adaptivity.py"
-  )
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
+  mod = load_experiment("demo_adaptivity")
   out = tmp_path_factory.mktemp("adaptivity")
   assert mod.main(["--no-progress", "--out", str(out)]) == 0
   (rep,) = json.loads((out / "adaptivity.json").read_text())

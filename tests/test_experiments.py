@@ -1,15 +1,12 @@
 """The analyses behind experiments/ (complexity, familiarity, linear probe, attention maps):
 library functions on known cases, and every experiment script end to end on a tiny model."""
 
-import importlib.util
 import json
-import pathlib
-import sys
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import fast_random_tokenizer
+from helpers import fast_random_tokenizer, load_experiment
 from scipy import stats
 
 from alit_jax import criteria
@@ -17,19 +14,6 @@ from alit_jax.analysis import attention, complexity, familiarity, probe
 from alit_jax.data import synthetic
 from alit_jax.models.alit import ALIT
 from alit_jax.models.configs import tiny_config
-
-EXPERIMENTS = pathlib.Path(__file__).resolve().parents[1] / "experiments"
-
-
-def _script(name):
-  """Imports experiments/<name>.py as a module (the scripts import their sibling _common)."""
-  if str(EXPERIMENTS) not in sys.path:
-    sys.path.insert(0, str(EXPERIMENTS))
-  spec = importlib.util.spec_from_file_location(f"exp_{name}", EXPERIMENTS / f"{name}.py")
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod
-
 
 # ------------------------------------------------------------------------------------------------
 # Library functions on known cases
@@ -211,11 +195,11 @@ def setup_dirs(tiny_tok, tmp_path_factory):
   return ckpt, root / "imgs", root
 
 
-def test_complexity_script(setup_dirs, capsys):
+def test_complexityload_experiment(setup_dirs, capsys):
   """experiments/complexity.py: per-dataset Spearman correlations, plot and CSV on two sources."""
   ckpt, imgs, root = setup_dirs
   out = root / "complexity"
-  rc = _script("complexity").main(
+  rc = load_experiment("complexity").main(
     [
       "--checkpoint",
       str(ckpt),
@@ -244,11 +228,11 @@ def test_complexity_script(setup_dirs, capsys):
   assert "png_bpp rho" in capsys.readouterr().out
 
 
-def test_familiarity_script(setup_dirs):
+def test_familiarityload_experiment(setup_dirs):
   """experiments/familiarity.py: token-count summaries of two datasets and a test between them."""
   ckpt, imgs, root = setup_dirs
   out = root / "familiarity"
-  rc = _script("familiarity").main(
+  rc = load_experiment("familiarity").main(
     [
       "--checkpoint",
       str(ckpt),
@@ -273,12 +257,12 @@ def test_familiarity_script(setup_dirs):
   assert len(list(out.glob("familiarity_*.png"))) == 1
 
 
-def test_linear_probe_script(setup_dirs):
+def test_linear_probeload_experiment(setup_dirs):
   """experiments/linear_probe.py: a probe per token count on synthetic images labelled by
   complexity kind; accuracies in [0, 1] and the oracle count in [32, 256]."""
   ckpt, _, root = setup_dirs
   out = root / "probe"
-  rc = _script("linear_probe").main(
+  rc = load_experiment("linear_probe").main(
     [
       "--checkpoint",
       str(ckpt),
@@ -302,11 +286,11 @@ def test_linear_probe_script(setup_dirs):
   assert (out / "linear_probe.png").is_file()
 
 
-def test_attention_script(setup_dirs):
+def test_attentionload_experiment(setup_dirs):
   """experiments/attention_maps.py: grids per iteration and per token, maps saved."""
   ckpt, imgs, root = setup_dirs
   out = root / "attention"
-  rc = _script("attention_maps").main(
+  rc = load_experiment("attention_maps").main(
     [
       "--checkpoint",
       str(ckpt),
@@ -326,7 +310,7 @@ def test_attention_script(setup_dirs):
   assert saved["image_to_latent"].shape[:2] == (8, 256)
   summary = json.loads((out / "attention.json").read_text())
   assert len(summary["iterations"]) == 8
-  rc = _script("attention_maps").main(
+  rc = load_experiment("attention_maps").main(
     [
       "--checkpoint",
       str(ckpt),
@@ -344,7 +328,7 @@ def test_attention_script(setup_dirs):
   )
   assert rc == 0 and (out / "b" / "attention_iter7.png").is_file()
   with pytest.raises(SystemExit):
-    _script("attention_maps").main(["--checkpoint", str(ckpt), "--out", str(out)])
+    load_experiment("attention_maps").main(["--checkpoint", str(ckpt), "--out", str(out)])
 
 
 def test_probe_fit_is_deterministic_and_jittable():
@@ -363,7 +347,9 @@ def test_make_sample_data(tmp_path):
   """experiments/make_sample_data.py writes the README's sample folders without a download
   (synthetic kinds, and the scikit-image photos resized and cropped to --size)."""
   pytest.importorskip("skimage")
-  rc = _script("make_sample_data").main(["--out", str(tmp_path), "--per-kind", "1", "--size", "32"])
+  rc = load_experiment("make_sample_data").main(
+    ["--out", str(tmp_path), "--per-kind", "1", "--size", "32"]
+  )
   assert rc == 0
   assert len(list((tmp_path / "synthetic").rglob("*.png"))) == len(synthetic.KINDS)
   photos = list((tmp_path / "photos").glob("*.png"))
@@ -394,7 +380,7 @@ def test_demo_adaptivity_script_reports_what_it_measures(tmp_path, capsys):
   x = np.stack(imgs).astype(np.float32) / np.float32(255.0)
   l1 = np.abs(np.asarray(tok.rollout(x)["reconstructions"]) - x[None]).mean(axis=(2, 3, 4)).T
   threshold = float(np.median(l1))
-  mod = _script("demo_adaptivity")
+  mod = load_experiment("demo_adaptivity")
   args = ["--checkpoint", str(tmp_path / "tok"), "--data", str(folder), "--no-progress"]
   rc = mod.main(args + ["--threshold", str(threshold), "--out", str(tmp_path / "out")])
   assert rc == 0
