@@ -457,11 +457,22 @@ class MetricAccumulator:
 
 
 @functools.partial(
-  jax.jit, static_argnames=("model", "base", "halting", "impl", "want_latents", "reconstruct")
+  jax.jit,
+  static_argnames=("model", "base", "halting", "impl", "want_latents", "reconstruct", "base_chunk"),
 )
-def _rollout_step(variables, x, rng, *, model, base, halting, impl, want_latents, reconstruct):
+def _rollout_step(
+  variables, x, rng, *, model, base, halting, impl, want_latents, reconstruct, base_chunk=None
+):
   out = rollout_lib.full_rollout(
-    model, base, variables, x, halting=halting, rng=rng, impl=impl, reconstruct=reconstruct
+    model,
+    base,
+    variables,
+    x,
+    halting=halting,
+    rng=rng,
+    impl=impl,
+    reconstruct=reconstruct,
+    base_chunk=base_chunk,
   )
   res = {"x": x}
   if reconstruct:
@@ -628,6 +639,9 @@ def iterate_rollouts(
         impl=tokenizer.impl,
         want_latents=want_latents,
         reconstruct=reconstruct,
+        # One image at a time through the base on CPU (the tokenizer's choice), but never across
+        # a sharded batch axis.
+        base_chunk=getattr(tokenizer, "base_chunk", None) if devices.mesh is None else None,
       )
     out.update(
       images=batch["image"], mask=batch["mask"], label=batch["label"], index=batch["index"]

@@ -46,7 +46,12 @@ from alit_jax.models.configs import ModelConfig
 
 DEMO_DIR = pathlib.Path(__file__).resolve().parent / "assets" / "demo"
 CHECKPOINT_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".safetensors", ".npz")
-DEFAULT_IMPL: Literal["scan", "unrolled"] = "scan"
+# Chosen by `experiments/benchmarks/rollout.py` (results/rollout_cpu.json, 2 CPU cores): the
+# unrolled rollout was faster at every measured size (alit_small: 12.9 vs 14.5 s at batch 1,
+# 105 vs 125 s at batch 8; the scan attends over the full 513-token buffer at every iteration)
+# and compiles 5-12 s longer, which it earns back within one batch-8 or ~7 batch-1 alit_small
+# calls. No GPU/TPU measurement yet.
+DEFAULT_IMPL: Literal["scan", "unrolled"] = "unrolled"
 
 
 @dataclasses.dataclass
@@ -72,15 +77,30 @@ class Encoding:
   threshold: float | None
 
 
-@functools.partial(jax.jit, static_argnames=("model", "base", "halting", "impl", "reconstruct"))
-def _rollout_fn(variables, images, rng, *, model, base, halting, impl, reconstruct):
+@functools.partial(
+  jax.jit, static_argnames=("model", "base", "halting", "impl", "reconstruct", "base_chunk")
+)
+def _rollout_fn(variables, images, rng, *, model, base, halting, impl, reconstruct, base_chunk):
   return rollout_lib.full_rollout(
-    model, base, variables, images, halting=halting, rng=rng, impl=impl, reconstruct=reconstruct
+    model,
+    base,
+    variables,
+    images,
+    halting=halting,
+    rng=rng,
+    impl=impl,
+    reconstruct=reconstruct,
+    base_chunk=base_chunk,
   )
 
 
-@functools.partial(jax.jit, static_argnames=("model", "base", "criterion", "halting", "early_exit"))
-def _encode_fn(variables, images, threshold, rng, *, model, base, criterion, halting, early_exit):
+@functools.partial(
+  jax.jit,
+  static_argnames=("model", "base", "criterion", "halting", "early_exit", "base_chunk"),
+)
+def _encode_fn(
+  variables, images, threshold, rng, *, model, base, criterion, halting, early_exit, base_chunk
+):
   return rollout_lib.adaptive_encode(
     model,
     variables["alit"],
@@ -93,13 +113,14 @@ def _encode_fn(variables, images, threshold, rng, *, model, base, criterion, hal
     halting=halting,
     rng=rng,
     early_exit=early_exit,
+    base_chunk=base_chunk,
   )
 
 
-@functools.partial(jax.jit, static_argnames=("model", "base"))
-def _decode_fn(variables, tokens, lengths, *, model, base):
+@functools.partial(jax.jit, static_argnames=("model", "base", "base_chunk"))
+def _decode_fn(variables, tokens, lengths, *, model, base, base_chunk):
   return rollout_lib.decode_tokens(
-    model, variables["alit"], base, variables["base"], tokens, lengths
+    model, variables["alit"], base, variables["base"], tokens, lengths, base_chunk=base_chunk
   )
 
 
@@ -136,6 +157,7 @@ class Tokenizer:
     meta: dict[str, Any] | None = None,
     gan_losses: Any = None,
     mesh: Mesh | None = None,
+    base_chunk: int | None | Literal["auto"] = "auto",
   ):
     """Builds a tokenizer from a config and variables.
 
@@ -154,6 +176,9 @@ class Tokenizer:
         `decode` pad a batch that does not divide into the mesh by repeating its last image (so
         early exit is unaffected) and drop the padding from the outputs; `rollout` replicates
         such a batch instead.
+      base_chunk: run the base tokenizer's encoder and decoder on this many images at a time
+        (None: the whole batch). "auto": 1 on CPU without a mesh (there a bigger batch costs
+        more per image: see `rollout_lib._in_chunks`), else None.
     """
     self.config = config
     self.mesh = mesh
@@ -162,6 +187,11 @@ class Tokenizer:
       self.variables = jax.device_put(self.variables, NamedSharding(mesh, P()))
     self.dtype = dtype
     self.impl = impl
+    if base_chunk == "auto":
+      base_chunk = 1 if mesh is None and jax.default_backend() == "cpu" else None
+    if base_chunk is not None and (not isinstance(base_chunk, int) or base_chunk < 1):
+      raise ValueError(f"base_chunk must be a positive int, None or 'auto', got {base_chunk!r}")
+    self.base_chunk = base_chunk
     self.vae_masking = vae_masking
     if matmul_precision is None and jnp.dtype(dtype) == jnp.float32:
       matmul_precision = "highest"
@@ -408,6 +438,7 @@ class Tokenizer:
         halting=h,
         impl=impl or self.impl,
         reconstruct=reconstruct,
+        base_chunk=self.base_chunk,
       )
 
   def default_threshold(self, criterion: str | criteria.Criterion = "l1") -> float | None:
@@ -464,6 +495,7 @@ class Tokenizer:
         criterion=crit,
         halting=h,
         early_exit=early_exit,
+        base_chunk=self.base_chunk,
       )
     if out["lengths"].shape[0] != b:  # drop the mesh padding
       out = {k: v[:, :b] if k == "scores" else v if v.ndim == 0 else v[:b] for k, v in out.items()}
@@ -523,5 +555,12 @@ class Tokenizer:
       tokens = jnp.pad(tokens, widths)
     (tokens, lengths), b = self._on_mesh(tokens, lengths, pad=True)
     with self._precision():
-      out = _decode_fn(self.variables, tokens, lengths, model=self.model, base=self.base)
+      out = _decode_fn(
+        self.variables,
+        tokens,
+        lengths,
+        model=self.model,
+        base=self.base,
+        base_chunk=self.base_chunk,
+      )
     return out["reconstructions"][:b]

@@ -179,3 +179,32 @@ def test_save_and_load_pretrained(tok, tmp_path):
   tok.save_pretrained(d, overwrite=True)
   with pytest.raises(FileNotFoundError, match="config.json"):
     Tokenizer.from_pretrained(tmp_path)
+
+
+def test_base_chunk_does_not_change_results(tok, trace):
+  """Running the base tokenizer one image at a time (the CPU default) or on the whole batch gives
+  the same rollout, encode and decode, up to float reassociation.
+
+  Breaks if `_in_chunks` mis-orders images or drops the remainder of a batch that does not divide
+  by the chunk (3 images in chunks of 2 here), or if `base_chunk` is not passed on everywhere.
+  """
+  assert tok.base_chunk == (1 if jax.default_backend() == "cpu" else None)
+  x = _images()
+  whole = Tokenizer(tok.config, tok.variables, base_chunk=None)
+  pairs = Tokenizer(tok.config, tok.variables, base_chunk=2)
+  ref = whole.rollout(x)
+  for out in (trace, pairs.rollout(x)):  # `trace` comes from `tok`
+    np.testing.assert_array_equal(np.asarray(out["gt_indices"]), np.asarray(ref["gt_indices"]))
+    np.testing.assert_allclose(
+      np.asarray(out["reconstructions"]), np.asarray(ref["reconstructions"]), atol=2e-5
+    )
+  e_ref, e_pairs = whole.encode(x, threshold=0.0), pairs.encode(x, threshold=0.0)
+  np.testing.assert_array_equal(np.asarray(e_pairs.tokens), np.asarray(e_ref.tokens))
+  np.testing.assert_allclose(
+    np.asarray(e_pairs.reconstructions), np.asarray(e_ref.reconstructions), atol=2e-5
+  )
+  np.testing.assert_allclose(
+    np.asarray(pairs.decode(e_ref.tokens)), np.asarray(whole.decode(e_ref.tokens)), atol=2e-5
+  )
+  with pytest.raises(ValueError, match="base_chunk"):
+    Tokenizer(tok.config, tok.variables, base_chunk=0)

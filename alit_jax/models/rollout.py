@@ -65,13 +65,30 @@ def _apply(model: ALIT, variables: Any, method: Callable, *args, **kwargs):
 # ----------------------------------------------------------------------------------------------
 
 
-def base_encode(base: VQGAN | VAE, base_vars: Any, images: jax.Array) -> dict[str, jax.Array]:
+def _in_chunks(fn: Callable, x: jax.Array, chunk: int | None):
+  """`fn(x)` for a batch `x`, computed `chunk` images at a time (`lax.map`) when `chunk` is set.
+
+  On CPU the base tokenizer's convolutions at 256x256 cost more per image in bigger batches
+  (VQGAN decode, 2 cores: 0.83 s at batch 1, 9.18 s at batch 8; measured with
+  `experiments/benchmarks/rollout.py`, see its results), so inference decodes one image at a time
+  there. The results are the same up to float reassociation.
+  """
+  b = x.shape[0]
+  if chunk is None or chunk >= b:
+    return fn(x)
+  return jax.lax.map(lambda xi: jax.tree.map(lambda o: o[0], fn(xi[None])), x, batch_size=chunk)
+
+
+def base_encode(
+  base: VQGAN | VAE, base_vars: Any, images: jax.Array, chunk: int | None = None
+) -> dict[str, jax.Array]:
   """Runs the frozen base encoder.
 
   Args:
     base: the VQGAN or VAE module.
     base_vars: its variables.
     images: (B, H, W, 3) float32 in [0, 1].
+    chunk: encode this many images at a time (None: the whole batch at once).
 
   Returns:
     `base_features` (B, g, g, E) (what ALIT consumes) and the distillation targets: VQGAN
@@ -79,10 +96,12 @@ def base_encode(base: VQGAN | VAE, base_vars: Any, images: jax.Array) -> dict[st
     posterior mode, equal to base_features) plus `posterior_mean`/`posterior_logvar`.
   """
   if isinstance(base, VQGAN):
-    feats, idx = base.apply(base_vars, images, method=VQGAN.encode)
+    feats, idx = _in_chunks(lambda x: base.apply(base_vars, x, method=VQGAN.encode), images, chunk)
     codebook = base.apply(base_vars, method=VQGAN.codebook)
     return {"base_features": feats, "gt_indices": idx, "codebook": codebook}
-  mean, logvar = base.apply(base_vars, images, method=VAE.encode_moments)
+  mean, logvar = _in_chunks(
+    lambda x: base.apply(base_vars, x, method=VAE.encode_moments), images, chunk
+  )
   code = mean * base.config.scale_factor
   b, g1, g2, e = code.shape
   return {
@@ -93,12 +112,19 @@ def base_encode(base: VQGAN | VAE, base_vars: Any, images: jax.Array) -> dict[st
   }
 
 
-def base_decode(base: VQGAN | VAE, base_vars: Any, code: jax.Array) -> jax.Array:
-  """(B, g*g, E) decoded code -> (B, H, W, 3) reconstruction (the full_finetuning branch, quirk 13)."""
+def base_decode(
+  base: VQGAN | VAE, base_vars: Any, code: jax.Array, chunk: int | None = None
+) -> jax.Array:
+  """(B, g*g, E) decoded code -> (B, H, W, 3) reconstruction (the full_finetuning branch, quirk 13).
+
+  `chunk`: decode this many images at a time (None: the whole batch at once).
+  """
   b, n, e = code.shape
   g = int(round(n**0.5))
   method = VQGAN.decode if isinstance(base, VQGAN) else VAE.decode
-  return base.apply(base_vars, code.reshape(b, g, g, e), method=method)
+  return _in_chunks(
+    lambda z: base.apply(base_vars, z, method=method), code.reshape(b, g, g, e), chunk
+  )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -339,6 +365,7 @@ def adaptive_encode(
   halting: Halting = Halting(),
   rng: jax.Array | None = None,
   early_exit: bool = True,
+  base_chunk: int | None = None,
 ) -> dict[str, jax.Array]:
   """Per image, the fewest tokens whose reconstruction meets the criterion.
 
@@ -357,6 +384,7 @@ def adaptive_encode(
     halting: dynamic halting during the rollout.
     rng: PRNG key for `halting.mode == "sample"`.
     early_exit: stop once every image is done (False: always run every iteration).
+    base_chunk: run the base encoder/decoder this many images at a time (None: whole batch).
 
   Returns:
     `tokens` (B, L) int32 quantizer indices (-1 beyond the length) or (B, L, D) continuous
@@ -367,7 +395,7 @@ def adaptive_encode(
   n, t = c.max_rollout_iters, c.num_latent_tokens
   lmax = n * t
   b = images.shape[0]
-  enc = base_encode(base, base_vars, images)
+  enc = base_encode(base, base_vars, images, base_chunk)
   targets = {k: v for k, v in enc.items() if k in ("gt_indices", "codebook", "gt_code")}
   img_tokens = _apply(model, alit_vars, ALIT.embed_images, images, enc["base_features"])
   x0 = initial_buffer(model, alit_vars, img_tokens, full=True)
@@ -398,7 +426,7 @@ def adaptive_encode(
     x, res = _iteration_outputs(
       model, alit_vars, x, t * (i + 1), targets, halting, key, masked=True
     )
-    recon = base_decode(base, base_vars, res["decoded_code"])
+    recon = base_decode(base, base_vars, res["decoded_code"], base_chunk)
     score = criterion(images, recon)
     if score.dtype == jnp.bool_:
       meets = score
@@ -444,6 +472,7 @@ def decode_tokens(
   tokens: jax.Array,
   lengths: jax.Array,
   codebook: jax.Array | None = None,
+  base_chunk: int | None = None,
 ) -> dict[str, jax.Array]:
   """Images from 1D tokens of per-image lengths.
 
@@ -452,6 +481,7 @@ def decode_tokens(
       beyond an image's length are ignored.
     lengths: (B,) int token counts (any value 1..L; trained lengths are multiples of T).
     codebook: VQGAN codebook (K, E) (read from `base_vars` when None).
+    base_chunk: run the base decoder this many images at a time (None: whole batch).
 
   Returns:
     `reconstructions` (B, H, W, 3), `decoded_code` (B, 256, E), and VQGAN `logits`.
@@ -472,7 +502,7 @@ def decode_tokens(
   else:
     code = out
   res["decoded_code"] = code
-  res["reconstructions"] = base_decode(base, base_vars, code)
+  res["reconstructions"] = base_decode(base, base_vars, code, base_chunk)
   return res
 
 
@@ -486,6 +516,7 @@ def full_rollout(
   rng: jax.Array | None = None,
   impl: Literal["scan", "unrolled"] = "scan",
   reconstruct: bool = True,
+  base_chunk: int | None = None,
 ) -> dict[str, jax.Array]:
   """Base encoder + ALIT rollout + base decoder at every iteration (the reference's eval forward).
 
@@ -495,12 +526,13 @@ def full_rollout(
     images: (B, H, W, 3) float32 in [0, 1].
     halting, rng, impl: see `alit_rollout`.
     reconstruct: also decode images at every iteration (the most expensive part).
+    base_chunk: run the base encoder/decoder this many images at a time (None: whole batch).
 
   Returns:
     `alit_rollout`'s arrays plus `base_features` (B, g, g, E), `img_tokens_normalized`
     (B, 256, W), the targets (`gt_indices` / `gt_code`), and `reconstructions` (N, B, H, W, 3).
   """
-  enc = base_encode(base, variables["base"], images)
+  enc = base_encode(base, variables["base"], images, base_chunk)
   targets = {k: v for k, v in enc.items() if k in ("gt_indices", "codebook", "gt_code")}
   img_tokens = _apply(model, variables["alit"], ALIT.embed_images, images, enc["base_features"])
   out = alit_rollout(
@@ -510,6 +542,6 @@ def full_rollout(
   out["img_tokens_normalized"] = img_tokens
   if reconstruct:
     out["reconstructions"] = jax.lax.map(
-      lambda code: base_decode(base, variables["base"], code), out["decoded_code"]
+      lambda code: base_decode(base, variables["base"], code, base_chunk), out["decoded_code"]
     )
   return out
