@@ -1,7 +1,8 @@
 r"""Rollout and encode speed: scan vs unrolled, per config and batch size.
 
     python experiments/benchmarks/rollout.py [--configs tiny,medium,alit_small] [--batches 1,8]
-        [--repeats 3] [--out experiments/benchmarks/results/rollout_<platform>.json]
+        [--repeats 3] [--base-chunk auto|none|N] [--compare REFERENCE_JSON]
+        [--out experiments/benchmarks/results/rollout_<platform>.json]
 
 Times the full 8-iteration forward of the reference's evaluation (`forward(imgs,
 reconstruction_iters="all")`: base encoder, every rollout iteration, and the base decoder at every
@@ -9,6 +10,8 @@ iteration) with random weights, float32, for both rollout implementations, and `
 scan / while_loop (a threshold no image meets, so all iterations run, and a loose one that exits
 after the first). Prints a table (median of `--repeats` timed runs after one warm-up; compile time
 separately) and writes JSON.
+
+The reference side: `torch_reference.py` (same configs) writes a JSON that `--compare` reads.
 
 Configs: `tiny` = the reference-vector case (ALIT 64 wide, 2 layers, 4 heads, VQGAN ch 32),
 `medium` = ALIT 512 / 4 layers / 8 heads with the real VQGAN, `alit_small` = the released
@@ -83,9 +86,11 @@ def _time(fn, repeats: int) -> tuple[float, float]:
   return first, statistics.median(runs)
 
 
-def bench(config_name: str, batch: int, repeats: int, what: list[str]) -> list[dict]:
+def bench(
+  config_name: str, batch: int, repeats: int, what: list[str], base_chunk="auto"
+) -> list[dict]:
   cfg = make_config(config_name)
-  tok = Tokenizer.random(cfg, seed=0)
+  tok = Tokenizer.random(cfg, seed=0, base_chunk=base_chunk)
   rng = np.random.default_rng(0)
   images = jnp.asarray(
     rng.uniform(0, 1, (batch, cfg.alit.image_size, cfg.alit.image_size, 3)), jnp.float32
@@ -124,8 +129,21 @@ def main():
   p.add_argument(
     "--cases", default="rollout_scan,rollout_unrolled,encode_all_iters,encode_exit_at_32"
   )
+  p.add_argument(
+    "--base-chunk",
+    default="auto",
+    help="images per base encoder/decoder call: auto (Tokenizer default), none (whole batch), or N",
+  )
+  p.add_argument(
+    "--compare",
+    default=None,
+    help="JSON from torch_reference.py (same machine): adds the reference's time and the speedup",
+  )
   p.add_argument("--out", default=None)
   a = p.parse_args()
+  base_chunk = {"auto": "auto", "none": None}.get(a.base_chunk.lower(), None)
+  if a.base_chunk.lower() not in ("auto", "none"):
+    base_chunk = int(a.base_chunk)
   dev = jax.devices()[0]
   env = {
     "platform": dev.platform,
@@ -134,19 +152,32 @@ def main():
     "cpu_count": os.cpu_count(),
     "machine": platform.machine(),
     "dtype": "float32",
+    "base_chunk": a.base_chunk,
   }
   print(f"device: {env}")
   rows = []
   with jax.default_matmul_precision("highest"):
     for c in a.configs.split(","):
       for b in [int(v) for v in a.batches.split(",")]:
-        rows += bench(c, b, a.repeats, a.cases.split(","))
+        rows += bench(c, b, a.repeats, a.cases.split(","), base_chunk)
+  ref = {}
+  if a.compare:
+    for r in json.loads(pathlib.Path(a.compare).read_text())["rows"]:
+      ref[(r["config"], r["batch"])] = r["median_s"]
   print(
-    "\n| config | batch | case | compile+first (s) | median (s) | images/s |\n|---|---|---|---|---|---|"
+    "\n| config | batch | case | compile+first (s) | median (s) | images/s | reference (s) "
+    "| speedup |\n|---|---|---|---|---|---|---|---|"
   )
   for r in rows:
+    t = ref.get((r["config"], r["batch"]))
+    # Only the full rollouts do the reference forward's work; encode is this project's own.
+    if t is not None and r["case"].startswith("rollout"):
+      r["reference_median_s"] = t
+      r["speedup_vs_reference"] = round(t / r["median_s"], 3)
     print(
-      f"| {r['config']} | {r['batch']} | {r['case']} | {r['first_call_s']} | {r['median_s']} | {r['images_per_s']} |"
+      f"| {r['config']} | {r['batch']} | {r['case']} | {r['first_call_s']} | {r['median_s']} "
+      f"| {r['images_per_s']} | {r.get('reference_median_s', '')} "
+      f"| {r.get('speedup_vs_reference', '')} |"
     )
   out = pathlib.Path(a.out or f"experiments/benchmarks/results/rollout_{env['platform']}.json")
   out.parent.mkdir(parents=True, exist_ok=True)
