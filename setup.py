@@ -47,6 +47,7 @@ EXTRAS = {
   "test": [
     "pytest",
     "pytest-timeout",
+    "pytest-xdist",
     "torch==2.13.0",
     "scikit-image",
     "scikit-learn",

@@ -102,8 +102,10 @@ def test_encode_picks_the_first_length_that_meets_the_threshold(tok, trace):
     length = t * (it + 1)
     np.testing.assert_array_equal(tokens[b, :length], trace["quant_indices"][it, b, :length])
     assert np.all(tokens[b, length:] == -1)
+    # Two rollout paths in float32: rounding differs with the CPU's vector width (seen on AVX2:
+    # 1.07e-5 at a pixel of magnitude 1.62); another iteration's picture differs by far more.
     np.testing.assert_allclose(
-      np.asarray(enc.reconstructions[b]), trace["reconstructions"][it, b], atol=1e-5
+      np.asarray(enc.reconstructions[b]), trace["reconstructions"][it, b], rtol=1e-5, atol=1e-5
     )
 
 
