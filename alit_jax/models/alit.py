@@ -17,8 +17,8 @@ import jax
 import jax.numpy as jnp
 
 from alit_jax.models.configs import ALITConfig
+from alit_jax.models.init_rules import DENSE_INIT, codebook_init, embedding_init
 from alit_jax.models.layers import (
-  DENSE_INIT,
   ResidualAttentionBlock,
   Transformer,
   l2_normalize,
@@ -44,11 +44,8 @@ class VectorQuantizer(nn.Module):
   use_l2_norm: bool = True
 
   def setup(self):
-    n = self.codebook_size
     self.embedding = nn.Embed(
-      n,
-      self.token_dim,
-      embedding_init=lambda k, s, d: jax.random.uniform(k, s, d, -1.0 / n, 1.0 / n),
+      self.codebook_size, self.token_dim, embedding_init=codebook_init(self.codebook_size)
     )
 
   def codebook(self) -> jax.Array:
@@ -130,7 +127,7 @@ class LatentDecoder(nn.Module):
     self.ffn_2 = nn.Dense(self.output_dim, dtype=self.dtype, kernel_init=DENSE_INIT)
     self.latent_token_positional_embedding = self.param(
       "latent_token_positional_embedding",
-      nn.initializers.normal(self.width**-0.5),
+      embedding_init(self.width),
       (self.max_latent_tokens, self.width),
     )
 
@@ -197,7 +194,7 @@ class ALIT(nn.Module):
     w, d = c.encoder_width, c.decoder_width
     n_img = c.num_image_tokens
     # The reference draws every embedding as `encoder_width ** -0.5 * randn` (quirk 14).
-    init = nn.initializers.normal(w**-0.5)
+    init = embedding_init(w)
     self.encoder_positional_embedding = self.param(
       "encoder_positional_embedding", init, (n_img + 1, w)
     )
@@ -232,7 +229,12 @@ class ALIT(nn.Module):
     )
     p = c.patch_size
     self.patch_embed = nn.Conv(
-      w - c.base_embed_dim, (p, p), strides=(p, p), padding="VALID", dtype=self.dtype
+      w - c.base_embed_dim,
+      (p, p),
+      strides=(p, p),
+      padding="VALID",
+      dtype=self.dtype,
+      kernel_init=DENSE_INIT,  # `_init_weights` covers the Conv2d too (not Flax's lecun)
     )
     if c.quantize_latent:
       self.quantize = VectorQuantizer(

@@ -15,8 +15,9 @@ from alit_jax.models.configs import ModelConfig
 def init_variables(config: ModelConfig, rng: jax.Array) -> dict[str, Any]:
   """`{"alit": ..., "base": ...}` variables for `config`, float32.
 
-  ALIT embeddings follow the reference (`width ** -0.5 * randn`); Dense/Conv use Flax defaults
-  (the reference uses trunc-normal(0.02) for them; it only matters for training from scratch).
+  ALIT parameters follow the reference's rules, one per parameter in `models/init_rules.py`
+  (embeddings `width ** -0.5 * randn`, Linear/Conv normal(0.02), xavier in_proj, uniform
+  codebook); the base tokenizer keeps Flax's defaults (it is always loaded or trained apart).
   """
   s = config.alit.image_size
   g = config.alit.grid_size

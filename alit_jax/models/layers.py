@@ -17,13 +17,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-Dtype = Any
+# The initialisation rules (normal(0.02) Linears, xavier in_proj, ...) live in one table.
+from alit_jax.models.init_rules import DENSE_INIT, IN_PROJ_INIT
 
-# The reference re-initialises every nn.Linear / Conv with trunc_normal(std=0.02) (its bounds are
-# +-2 absolute, so effectively a plain normal) and zero bias; MultiheadAttention's fused
-# in_proj keeps PyTorch's xavier_uniform.
-DENSE_INIT = nn.initializers.normal(0.02)
-IN_PROJ_INIT = nn.initializers.xavier_uniform()
+Dtype = Any
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
