@@ -6,10 +6,11 @@ and exported by training) holds:
     DIR/config.json     {"model": ModelConfig, "meta": {...}}
     DIR/params/         Orbax StandardCheckpointer item: {"alit": {"params": ...}, "base": {"params": ...}}
     DIR/gan_losses/     optional Orbax item: stage-2 discriminators and LPIPS (converted checkpoints)
+    DIR/.alit-jax-output.json   the marker that lets `--overwrite` replace DIR (`alit_jax.outputs`)
 
 Writes are atomic: everything goes to a temporary sibling directory that is renamed into place
 only when complete, so an interrupted or refused conversion never leaves a half-written DIR and
-never overwrites a good one.
+never overwrites a good one. Only a directory this project wrote is ever replaced.
 """
 
 from __future__ import annotations
@@ -17,13 +18,13 @@ from __future__ import annotations
 import json
 import os
 import pathlib
-import shutil
-import tempfile
+from collections.abc import Iterable
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
 
+from alit_jax import outputs
 from alit_jax.models.configs import ModelConfig
 
 CONFIG_FILE = "config.json"
@@ -31,30 +32,21 @@ PARAMS_DIR = "params"
 GAN_DIR = "gan_losses"
 
 
-def _write_atomically(directory: str | os.PathLike, overwrite: bool, write) -> pathlib.Path:
-  """Calls `write(tmp_dir)` on a fresh sibling temp dir, then renames it to `directory`.
+def _write_atomically(
+  directory: str | os.PathLike,
+  overwrite: bool,
+  write,
+  *,
+  kind: str,
+  inputs: Iterable[str | os.PathLike] = (),
+) -> pathlib.Path:
+  """Calls `write(tmp_dir)` on a fresh sibling temp dir, then moves it to `directory`.
 
-  An existing `directory` is only replaced (with `overwrite`) after the new one is complete;
-  on any error the temp dir is removed and `directory` is untouched.
+  `outputs.write_dir`: an existing non-empty `directory` is only replaced (with `overwrite`) if
+  this project wrote it, never if it contains one of `inputs`, and only after the new one is
+  complete; on any error the temp dir is removed and `directory` is untouched.
   """
-  directory = pathlib.Path(directory).absolute()
-  if directory.exists() and not overwrite:
-    raise FileExistsError(f"{directory} exists; pass overwrite=True (--overwrite) to replace it")
-  directory.parent.mkdir(parents=True, exist_ok=True)
-  tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
-  try:
-    write(tmp)
-    if directory.exists():
-      old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
-      directory.rename(old)
-      tmp.rename(directory)
-      shutil.rmtree(old)
-    else:
-      tmp.rename(directory)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
-  return directory
+  return outputs.write_dir(directory, write, kind=kind, overwrite=overwrite, inputs=inputs)
 
 
 def save_pretrained(
@@ -65,6 +57,7 @@ def save_pretrained(
   meta: dict[str, Any] | None = None,
   gan_losses: Any = None,
   overwrite: bool = False,
+  inputs: Iterable[str | os.PathLike] = (),
 ) -> pathlib.Path:
   """Writes a pretrained directory atomically.
 
@@ -74,7 +67,10 @@ def save_pretrained(
     variables: `{"alit": ..., "base": ...}`.
     meta: free-form provenance (source file, step, ...), stored in config.json.
     gan_losses: optional stage-2 loss-network variables.
-    overwrite: replace an existing directory (only after the new one is complete).
+    overwrite: replace an existing directory this project wrote (only after the new one is
+      complete; `alit_jax.outputs`).
+    inputs: files or directories this output was made from: a `directory` containing one of
+      them is refused.
 
   Returns:
     The directory path.
@@ -88,7 +84,7 @@ def save_pretrained(
     body = {"model": json.loads(config.to_json()), "meta": meta or {}}
     (tmp / CONFIG_FILE).write_text(json.dumps(body, indent=2, sort_keys=True))
 
-  return _write_atomically(directory, overwrite, write)
+  return _write_atomically(directory, overwrite, write, kind="pretrained", inputs=inputs)
 
 
 def read_config(directory: str | os.PathLike) -> tuple[ModelConfig, dict[str, Any]]:
@@ -137,6 +133,7 @@ def save_base(
   *,
   meta: dict[str, Any] | None = None,
   overwrite: bool = False,
+  inputs: Iterable[str | os.PathLike] = (),
 ) -> pathlib.Path:
   """Writes a standalone base tokenizer (VQGAN / KL-VAE) directory: config.json {"base": ...}."""
   import dataclasses
@@ -147,7 +144,7 @@ def save_base(
     body = {"base": {"kind": config.kind, **dataclasses.asdict(config)}, "meta": meta or {}}
     (tmp / CONFIG_FILE).write_text(json.dumps(body, indent=2, sort_keys=True))
 
-  return _write_atomically(directory, overwrite, write)
+  return _write_atomically(directory, overwrite, write, kind="base", inputs=inputs)
 
 
 def load_base(directory: str | os.PathLike) -> tuple[Any, dict[str, Any]]:

@@ -3,6 +3,7 @@
 import csv
 import functools
 import json
+import os
 import pathlib
 
 import jax
@@ -255,3 +256,108 @@ def test_gan_losses_become_a_separate_tree(tmp_path):
   assert t.meta["gan_losses_keys"] == len([k for k in sd if k.startswith("gan_losses.")])
   assert set(t.gan_losses) == {"discriminators", "lpips"}
   assert Tokenizer.from_pytorch(path, num_heads=2).gan_losses is None
+
+
+def _listing(root):
+  return sorted((p.relative_to(root).as_posix(), p.stat().st_size) for p in root.rglob("*"))
+
+
+def test_overwrite_replaces_only_directories_alit_jax_wrote(tmp_path, capsys, monkeypatch):
+  """Issue 18 acceptance 1: `convert --overwrite` into a folder holding the input, or a foreign
+  file, is refused with one line and deletes nothing; into a folder it wrote before it succeeds,
+  and the swap is atomic (the new directory is complete at the output path before the old one is
+  removed). Permissions follow the umask (not mkdtemp's 0700).
+
+  Breaks if --overwrite can delete a user's files or the input checkpoint, if a refused run
+  leaves anything behind, or if the output dir is left at mode 0700.
+  """
+  from alit_jax import outputs
+
+  old_umask = os.umask(0o022)
+  try:
+    _, sd = _tiny_state_dict()
+    u = tmp_path / "u"
+    u.mkdir()
+    np.savez(u / "model.npz", **sd)
+    (u / "notes.txt").write_text("mine")
+    before = _listing(u)
+    args = ["--num-heads", "2", "--overwrite"]
+    assert convert_cli.main([str(u / "model.npz"), "--out", str(u), *args]) == 1
+    err = capsys.readouterr().err
+    assert "contains the input" in err and len(err.strip().splitlines()) == 1, err
+    assert _listing(u) == before
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "photo.jpg").write_bytes(b"x")
+    assert convert_cli.main([str(u / "model.npz"), "--out", str(foreign), *args]) == 1
+    err = capsys.readouterr().err
+    assert "not written by alit-jax" in err and len(err.strip().splitlines()) == 1, err
+    assert _listing(foreign) == [("photo.jpg", 1)]
+
+    out = tmp_path / "out"
+    out.mkdir()  # an empty directory may be written without --overwrite
+    assert convert_cli.main([str(u / "model.npz"), "--out", str(out), "--num-heads", "2"]) == 0
+    assert (out / outputs.MARKER).is_file()
+    assert {p.stat().st_mode & 0o777 for p in [out, out / "params"]} == {0o755}
+    first = Tokenizer.from_pretrained(out)
+
+    removed = []
+    real_rmtree = outputs.shutil.rmtree
+
+    def rmtree(path, *a, **kw):
+      # At this moment the output path must already hold the complete new directory.
+      removed.append(pathlib.Path(path))
+      assert (out / "config.json").is_file() and (out / outputs.MARKER).is_file()
+      assert Tokenizer.from_pretrained(out).config == first.config
+      real_rmtree(path, *a, **kw)
+
+    monkeypatch.setattr(outputs.shutil, "rmtree", rmtree)
+    assert convert_cli.main([str(u / "model.npz"), "--out", str(out), *args]) == 0
+    assert removed and all(p != out for p in removed)
+    for x, y in zip(
+      jax.tree.leaves(first.variables), jax.tree.leaves(Tokenizer.from_pretrained(out).variables)
+    ):
+      np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["foreign", "out", "u"]  # no leftovers
+    assert _listing(u) == before
+  finally:
+    os.umask(old_umask)
+
+
+def test_converter_refuses_wrong_dtypes_and_names_closest_keys(tmp_path, capsys):
+  """Issue 18, converter: an int64 tensor where the model holds floats is refused (not cast); the
+  log names the state-dict root of a top-level dict; a renamed ALIT key is reported as that key,
+  with the file's closest keys, not blamed on the base tokenizer.
+
+  Breaks if integer data is silently cast into weights, if the log reads "from ," or if a rename
+  sends the file down the standalone-base path (a "missing encoder.conv_in.weight" error).
+  """
+  _, sd = _tiny_state_dict()
+  out = tmp_path / "out"
+
+  def run(state_dict, name):
+    path = tmp_path / f"{name}.npz"
+    np.savez(path, **state_dict)
+    rc = convert_cli.main([str(path), "--out", str(out), "--num-heads", "2"])
+    cap = capsys.readouterr()
+    return rc, cap.out, cap.err
+
+  bad = dict(sd, decoder_mask_token=np.zeros(sd["decoder_mask_token"].shape, np.int64))
+  rc, printed, err = run(bad, "int")
+  assert rc == 1 and "decoder_mask_token: int64 tensor where the model holds float32" in err
+  assert "tensors from the top-level state dict" in printed and not out.exists()
+
+  renamed = dict(sd)
+  renamed["encoder_positional_embeddings"] = renamed.pop("encoder_positional_embedding")
+  rc, _, err = run(renamed, "renamed")
+  assert rc == 1 and "'encoder_positional_embedding' is missing" in err, err
+  assert "closest keys in the file: encoder_positional_embeddings" in err
+  assert "conv_in" not in err
+
+  typo = dict(sd)
+  typo["decoder.ffn.0.biass"] = typo.pop("decoder.ffn.0.bias")
+  rc, _, err = run(typo, "typo")
+  assert rc == 1 and "decoder/ffn_0/bias" in err
+  assert "decoder.ffn.0.bias (for params/decoder/ffn_0/bias): closest in the file: " in err
+  assert "closest in the file: decoder.ffn.0.biass" in err
+  assert not out.exists()

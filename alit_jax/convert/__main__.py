@@ -9,7 +9,8 @@ inferred from key shapes; only the head count must be given for non-reference si
 
 DIR receives `config.json` and Orbax `params/` (and `gan_losses/` for full_finetuning
 checkpoints, kept for stage-2 fine-tuning). Nothing is written unless the whole conversion
-succeeds, and an existing DIR is only replaced with --overwrite.
+succeeds, and an existing DIR is only replaced with --overwrite, and only if alit-jax wrote it
+(`alit_jax.outputs`): a DIR holding other files, or the input checkpoint, is refused.
 """
 
 from __future__ import annotations
@@ -27,21 +28,26 @@ def _count(tree) -> int:
   return int(sum(np.size(x) for x in jax.tree.leaves(tree)))
 
 
+def _root_name(where: str) -> str:
+  """`select_state_dict`'s subscript as words: "['ema']" or "the top level"."""
+  return where if where else "the top-level state dict"
+
+
 def convert(
   ckpt: str, out: str, *, num_heads: int | None = None, overwrite: bool = False, log=print
 ) -> dict:
   """Library form of the command; returns a summary dict."""
-  from alit_jax import checkpoint
+  from alit_jax import checkpoint, outputs
   from alit_jax.convert import alit_checkpoint, pth
 
-  if os.path.exists(out) and not overwrite:
-    raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
+  outputs.check_output_dir(out, overwrite=overwrite, inputs=[ckpt])  # before reading anything
   sd, where = pth.load_state_dict(ckpt)
   log(
-    f"read {ckpt}: {len(sd)} tensors from {where}, {sum(np.size(v) for v in sd.values()):,} values"
+    f"read {ckpt}: {len(sd)} tensors from {_root_name(where)}, "
+    f"{sum(np.size(v) for v in sd.values()):,} values"
   )
   shapes = {k: tuple(np.shape(v)) for k, v in sd.items()}
-  is_alit = "encoder_positional_embedding" in shapes
+  is_alit = alit_checkpoint.looks_like_alit(shapes)
   summary: dict = {"source": os.path.abspath(ckpt), "state_dict": where}
   if is_alit:
     config = alit_checkpoint.infer_config(shapes, num_heads=num_heads, name=ckpt)
@@ -64,14 +70,20 @@ def convert(
       )
     summary.update(kind="alit", config=config.name, gan_losses_keys=len(gan))
     checkpoint.save_pretrained(
-      out, config, variables, meta=summary, gan_losses=gan_tree, overwrite=overwrite
+      out,
+      config,
+      variables,
+      meta=summary,
+      gan_losses=gan_tree,
+      overwrite=overwrite,
+      inputs=[ckpt],
     )
   else:
     base_cfg, variables = alit_checkpoint.convert_base_checkpoint(sd, name=ckpt)
     log(f"found standalone base tokenizer: {base_cfg}")
     log(f"params: {_count(variables):,}")
     summary.update(kind=base_cfg.kind)
-    checkpoint.save_base(out, base_cfg, variables, meta=summary, overwrite=overwrite)
+    checkpoint.save_base(out, base_cfg, variables, meta=summary, overwrite=overwrite, inputs=[ckpt])
   log(f"wrote {out}")
   return summary
 
@@ -86,7 +98,9 @@ def main(argv: list[str] | None = None) -> int:
     "--num-heads", type=int, default=None, help="attention heads (default: per named model)"
   )
   parser.add_argument(
-    "--overwrite", action="store_true", help="replace an existing output directory"
+    "--overwrite",
+    action="store_true",
+    help="replace an output directory that alit-jax wrote before (never any other)",
   )
   args = parser.parse_args(argv)
   try:

@@ -14,6 +14,7 @@ State-dict layout of an ALIT checkpoint (reference `AdaptiveLengthImageTokenizer
 
 from __future__ import annotations
 
+import difflib
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -49,10 +50,36 @@ def _count(shapes: Shapes, pattern: str) -> int:
   return len({m.group(1) for k in shapes if (m := rx.match(k))})
 
 
+# Keys only an ALIT state dict holds (any one of them marks the file as an ALIT checkpoint).
+ALIT_KEYS = (
+  "encoder_positional_embedding",
+  "decoder_positional_embedding",
+  "latent_tokens",
+  "timestep_embedding",
+  "encoder_mask_token",
+  "decoder_mask_token",
+  "patch_embed.weight",
+  "pre_quantizer_mlp.weight",
+)
+
+
+def looks_like_alit(shapes: Shapes) -> bool:
+  """True for an ALIT state dict: one of `ALIT_KEYS`, or an embedded `base_tokenizer.*`."""
+  return any(k in shapes for k in ALIT_KEYS) or any(
+    k.startswith(p) for k in shapes for p in BASE_PREFIX.values()
+  )
+
+
+def closest(key: str, keys, n: int = 3) -> str:
+  """The keys of `keys` most like `key`, for error messages ("nothing similar" if none)."""
+  near = difflib.get_close_matches(key, list(keys), n=n, cutoff=0.6)
+  return ", ".join(near) if near else "nothing similar"
+
+
 def _need(shapes: Shapes, key: str, name: str) -> tuple[int, ...]:
   if key not in shapes:
     raise mapping.ConversionError(
-      f"{name}: expected key {key!r} is missing; is this an ALIT checkpoint?"
+      f"{name}: expected key {key!r} is missing (closest keys in the file: {closest(key, shapes)})"
     )
   return shapes[key]
 

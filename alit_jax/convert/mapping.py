@@ -17,12 +17,15 @@ Flax path by one rule (the "conversion contract"):
   and its PyTorch shape.
 
 Conversion is strict: :func:`state_dict_to_tree` raises :class:`ConversionError` listing every
-missing, unexpected and mis-shaped key. Nothing here imports torch.
+missing (with the file's closest keys), unexpected and mis-shaped key, and every tensor whose
+dtype kind does not fit (an integer or boolean tensor where the model holds floats, or the
+reverse). Nothing here imports torch.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 from collections.abc import Mapping
 from typing import Any
 
@@ -216,17 +219,62 @@ def plan_conversion(
       continue
     plan[key] = rule
     filled.add(full)
-  missing = sorted("/".join(p) for p in expected if p not in filled)
+  missing_paths = sorted(p for p in expected if p not in filled)
+  missing = ["/".join(p) for p in missing_paths]
   if missing or unexpected or misshaped:
     lines = [f"{name}: state dict does not match the model (key prefix {prefix!r})."]
     if missing:
       lines.append(f"missing ({len(missing)}): " + ", ".join(missing))
+      hints = _closest_keys(missing_paths[:MAX_HINTS], expected, key_shapes, plan, prefix)
+      lines += [f"  {h}" for h in hints]
     if unexpected:
       lines.append(f"unexpected ({len(unexpected)}): " + ", ".join(unexpected))
     if misshaped:
       lines.append(f"mis-shaped ({len(misshaped)}): " + "; ".join(misshaped))
     raise ConversionError("\n".join(lines))
   return plan
+
+
+MAX_HINTS = 10  # missing leaves for which the closest keys of the file are named
+
+
+def torch_key(collection: str, path: tuple[str, ...], ndim: int, *, prefix: str = "") -> str:
+  """The PyTorch state-dict key of one Flax leaf (the inverse of `leaf_rule`)."""
+  leaf = np.zeros((1,) * ndim, np.float32)
+  tree: dict[str, Any] = leaf  # type: ignore[assignment]
+  for seg in reversed(path):
+    tree = {seg: tree}
+  (key,) = tree_to_state_dict({collection: tree}, prefix=prefix)
+  return key
+
+
+def _closest_keys(
+  missing: list[tuple[str, ...]],
+  expected: Mapping[tuple[str, ...], Any],
+  key_shapes: Mapping[str, tuple[int, ...]],
+  plan: Mapping[str, LeafRule],
+  prefix: str,
+) -> list[str]:
+  """'<torch key>: closest in the file: a, b' for each missing leaf (unused keys first)."""
+  unused = [k for k in key_shapes if k not in plan]
+  out = []
+  for full in missing:
+    want = torch_key(full[0], full[1:], len(expected[full].shape), prefix=prefix)
+    near = difflib.get_close_matches(want, unused, n=3, cutoff=0.6)
+    near += [k for k in difflib.get_close_matches(want, list(key_shapes), n=3) if k not in near]
+    found = ", ".join(near[:3]) if near else "nothing similar"
+    out.append(f"{want} (for {'/'.join(full)}): closest in the file: {found}")
+  return out
+
+
+def _dtype_problem(key: str, arr: np.ndarray, want: Any) -> str | None:
+  """A message if `arr` cannot stand for a leaf of dtype `want` (float vs integer/bool)."""
+  want = np.dtype(want)
+  is_float = np.issubdtype(arr.dtype, np.floating) or arr.dtype.name == "bfloat16"
+  want_float = np.issubdtype(want, np.floating) or want.name == "bfloat16"
+  if is_float == want_float and (is_float or np.issubdtype(arr.dtype, np.integer)):
+    return None
+  return f"{key}: {arr.dtype} tensor where the model holds {want}"
 
 
 def state_dict_to_tree(
@@ -251,17 +299,29 @@ def state_dict_to_tree(
     A variables dict with the same collections and structure as `target`.
 
   Raises:
-    ConversionError: listing every missing Flax leaf, unexpected key and shape mismatch.
+    ConversionError: listing every missing Flax leaf, unexpected key and shape mismatch, or
+      every tensor of the wrong dtype kind (e.g. int64 where the model holds float32).
   """
   plan = plan_conversion(
     {k: tuple(np.shape(v)) for k, v in state_dict.items()}, target, prefix=prefix, name=name
   )
+  leaves = {(col,) + path: leaf for col in target for path, leaf in flatten(target[col]).items()}
   out: dict[str, dict[tuple[str, ...], np.ndarray]] = {}
+  bad = []
   for key, rule in plan.items():
     arr = torch_to_flax_array(np.asarray(state_dict[key]), rule.transform)
+    want = getattr(leaves[(rule.collection,) + rule.path], "dtype", np.float32)
+    problem = _dtype_problem(key, arr, want)
+    if problem:
+      bad.append(problem)
+      continue
     if np.issubdtype(arr.dtype, np.floating) or arr.dtype.name == "bfloat16":
       arr = arr.astype(dtype)
     out.setdefault(rule.collection, {})[rule.path] = arr
+  if bad:
+    raise ConversionError(
+      f"{name}: {len(bad)} tensors have the wrong dtype (refusing to cast them): " + "; ".join(bad)
+    )
   return {col: unflatten(flat) for col, flat in out.items()}
 
 

@@ -110,13 +110,22 @@ def export_pretrained(
   """Writes a pretrained directory (`Tokenizer.from_pretrained(out)`) from an ALIT workdir, or a
   base tokenizer directory (`checkpoint.load_base(out)`, `config.base_checkpoint`) from a
   `configs/vqgan_train.py` workdir."""
-  if checkpoints.workdir_stage(_check_workdir(workdir)) == "vqgan":
+  from alit_jax import outputs
+
+  workdir = _check_workdir(workdir)
+  # Refused before anything is read: an --out that holds the workdir or foreign files.
+  outputs.check_output_dir(out, overwrite=overwrite, inputs=[workdir])
+  if checkpoints.workdir_stage(workdir) == "vqgan":
     cfg, variables, meta = load_base_workdir(workdir, step=step, ema=ema)
-    return checkpoint.save_base(out, cfg, variables, meta=meta, overwrite=overwrite)
+    return checkpoint.save_base(
+      out, cfg, variables, meta=meta, overwrite=overwrite, inputs=[workdir]
+    )
   config, variables, meta = load_workdir(workdir, step=step, ema=ema)
   if default_thresholds:
     meta = dict(meta, default_thresholds=dict(default_thresholds))
-  return checkpoint.save_pretrained(out, config, variables, meta=meta, overwrite=overwrite)
+  return checkpoint.save_pretrained(
+    out, config, variables, meta=meta, overwrite=overwrite, inputs=[workdir]
+  )
 
 
 def main(argv=None) -> int:
@@ -130,7 +139,11 @@ def main(argv=None) -> int:
   p.add_argument("--out", required=True)
   p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
   p.add_argument("--params", action="store_true", help="raw params instead of the EMA")
-  p.add_argument("--overwrite", action="store_true")
+  p.add_argument(
+    "--overwrite",
+    action="store_true",
+    help="replace an output directory that alit-jax wrote before (never any other)",
+  )
   p.add_argument(
     "--default-threshold",
     action="append",
