@@ -163,10 +163,83 @@ def train_step(
     gradient norm finite), and per-iteration (N,) `nll_loss`/`code_loss`/`quantization_loss`/
     `commitment_loss`/`codebook_loss`/`masked_fraction`/`loss_iters` (zeros where skipped).
   """
-  step = state["step"]
-  root_key = jax.random.key(seed)
   x = to_float(images)
   base_out = jax.lax.stop_gradient(rollout_lib.base_encode(base, base_vars, x))
+  return stage1_update(state, x, base_out, hp, seed, model, spec)
+
+
+def train_step_cached(
+  state: dict[str, Any],
+  base_vars: Any,
+  images: jax.Array,
+  base_batch: dict[str, jax.Array],
+  hp: dict[str, jax.Array],
+  seed: jax.Array,
+  model: ALIT,
+  base: VQGAN | VAE,
+  spec: Stage1Spec,
+) -> tuple[dict[str, Any], dict[str, jax.Array]]:
+  """`train_step` on base outputs computed beforehand (`alit_jax.data.base_cache`).
+
+  The same update and loss as `train_step`, whose base encoder output is replaced by
+  `base_batch`: a step is the ALIT transformer alone. Only the VQGAN codebook is read from
+  `base_vars` (the targets' code vectors); the encoder is not run.
+
+  Args:
+    state: the train state (donated by the trainer).
+    base_vars: frozen base-tokenizer variables (VQGAN: the codebook is used; VAE: unused).
+    images: (B, H, W, 3) uint8 (or float in [0, 1]): the augmented images the base outputs were
+      computed on (ALIT's `patch_embed` reads them).
+    base_batch: `base_features` (B, g, g, E) float, and for a VQGAN `gt_indices` (B, g*g) int32.
+    hp, seed, model, base, spec: as in `train_step`.
+
+  Returns:
+    (new state, metrics), as `train_step`.
+  """
+  x = to_float(images)
+  base_out = jax.lax.stop_gradient(base_targets(base, base_vars, base_batch))
+  return stage1_update(state, x, base_out, hp, seed, model, spec)
+
+
+def base_targets(
+  base: VQGAN | VAE, base_vars: Any, base_batch: dict[str, jax.Array]
+) -> dict[str, jax.Array]:
+  """`rollout.base_encode`'s output rebuilt from cached arrays (what `stage1_loss` reads).
+
+  Args:
+    base: the VQGAN or VAE module.
+    base_vars: its variables (a VQGAN's codebook is taken from them).
+    base_batch: `base_features` (B, g, g, E), and for a VQGAN `gt_indices` (B, g*g) int.
+
+  Returns:
+    VQGAN: `base_features`, `gt_indices` (int32), `codebook` (K, E); VAE: `base_features` and
+    `gt_code` (B, g*g, E) (the VAE's target is its scaled posterior mode, i.e. the features).
+  """
+  feats = base_batch["base_features"]
+  if isinstance(base, VQGAN):
+    return {
+      "base_features": feats,
+      "gt_indices": base_batch["gt_indices"].astype(jnp.int32),
+      "codebook": base.apply(base_vars, method=VQGAN.codebook),
+    }
+  b, g1, g2, e = feats.shape
+  return {"base_features": feats, "gt_code": feats.reshape(b, g1 * g2, e)}
+
+
+def stage1_update(
+  state: dict[str, Any],
+  x: jax.Array,
+  base_out: dict[str, jax.Array],
+  hp: dict[str, jax.Array],
+  seed: jax.Array,
+  model: ALIT,
+  spec: Stage1Spec,
+) -> tuple[dict[str, Any], dict[str, jax.Array]]:
+  """The update shared by `train_step` and `train_step_cached`: ALIT rollout loss -> clip ->
+  AdamW -> EMA, given float images `x` (B, H, W, 3) in [0, 1] and the base outputs `base_out`
+  (`rollout.base_encode`'s keys, outside the gradient)."""
+  step = state["step"]
+  root_key = jax.random.key(seed)
   n = model.config.max_rollout_iters
   run_model, run_shapes = model, None
   if 0 < spec.rollout_iters < n:
