@@ -89,6 +89,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.input.ratio = (3.0 / 4.0, 4.0 / 3.0)
   c.input.flip_prob = 0.5
   c.input.interpolation = "bilinear"
+  # A folder of `python -m alit_jax.data.base_cache` (built with this config): train on its
+  # cached base-encoder outputs, so a step is the ALIT transformer alone. None: encode each batch.
+  c.input.base_cache = config_dict.placeholder(str)
 
   c.total_epochs = 200
   c.warmup_epochs = 20

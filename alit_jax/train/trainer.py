@@ -36,7 +36,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 from alit_jax import checkpoint
-from alit_jax.data import pipeline, sources
+from alit_jax.data import base_cache, pipeline, sources
 from alit_jax.models import configs as model_configs
 from alit_jax.models import rollout as rollout_lib
 from alit_jax.models.alit import ALIT
@@ -387,6 +387,17 @@ class _Stage1:
     model_config = build_model_config(config.model)
     self.model_config, base_vars = _setup_base(config, model_config, self.workdir)
     self.base_vars_host = base_vars
+    # Stage 1 on cached base outputs (`python -m alit_jax.data.base_cache`), checked up front.
+    self.base_cache = None
+    if config.input.get("base_cache"):
+      self.base_cache = base_cache.BaseCache(os.path.expanduser(config.input.base_cache))
+      base_cache.check_for_training(
+        self.base_cache,
+        config,
+        self.model_config,
+        base_vars,
+        str(self.workdir / checkpoints.BASE_DIR),
+      )
     _write_model_config(self.workdir, self.model_config, {"stage": config.stage})
     dtype = jnp.dtype(config.compute_dtype)
     self.model = ALIT(self.model_config.alit, dtype=dtype)
@@ -417,6 +428,15 @@ class _Stage1:
       donate_argnums=(0,),
       compiler_options=step_compiler_options(self.config),
     )
+    if self.base_cache is not None:
+      self.p_train_step_cached = jax.jit(
+        steps.train_step_cached,
+        static_argnums=(6, 7, 8),
+        in_shardings=(self.state_sh, base_sh, batch_sh, batch_sh, repl, repl),
+        out_shardings=(self.state_sh, repl),
+        donate_argnums=(0,),
+        compiler_options=step_compiler_options(self.config),
+      )
     self.which = "ema_params" if self.config.summary_params == "ema" else "params"
     self.p_reconstruct = jax.jit(
       steps.reconstruct,
@@ -452,6 +472,18 @@ class _Stage1:
     )
     return state, [metrics]
 
+  def train_step_cached(
+    self, state: Any, images: jax.Array, batch: dict[str, np.ndarray], step: int
+  ) -> tuple[Any, list[dict]]:
+    """`train_step` with the base outputs taken from the host batch (`config.input.base_cache`)."""
+    c = self.ctx
+    keys = [k for k in base_cache.BASE_KEYS if k in batch]
+    base_batch = {k: sharding.global_batch(batch[k], c.mesh) for k in keys}
+    state, metrics = self.p_train_step_cached(
+      state, self.base_vars, images, base_batch, c.hp, c.seed, self.model, self.base, self.spec
+    )
+    return state, [metrics]
+
   def write_summary(self, writer, state: Any, images: jax.Array, step: int) -> None:
     out = self.p_reconstruct(
       state[self.which],
@@ -471,6 +503,10 @@ class _Stage1:
 def _make_stage(config: ml_collections.ConfigDict, workdir: pathlib.Path):
   if config.stage == "latent_distillation":
     return _Stage1(config, workdir)
+  if config.input.get("base_cache"):
+    raise ValueError(
+      f"config.input.base_cache is for stage 1 (latent_distillation), not {config.stage!r}"
+    )
   from alit_jax.train import gan_stage
 
   return gan_stage.GanStage(config, workdir)
@@ -536,7 +572,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
 
   # ---- data and durations ----
   inp = config.input
-  source = sources.get_source(inp.data, inp.split, inp.data_dir or None)
+  cache = getattr(stage, "base_cache", None)  # stage 1 on cached base outputs
+  if cache is not None:
+    source = cache
+  else:
+    source = sources.get_source(inp.data, inp.split, inp.data_dir or None)
   gbs = int(inp.global_batch_size)
   spe = len(source) // gbs
   if spe < 1:
@@ -592,7 +632,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
 
   writer = writers.create_writer(workdir, enabled=_is_main())
   _log_source_report(source, writer)
-  iterator = pipeline.make_train_iterator(
+  if cache is not None:
+    logging.info(
+      "training from %s (%d bad images skipped when it was built)", cache, cache.manifest["num_bad"]
+    )
+  make_iterator = pipeline.make_train_iterator if cache is None else base_cache.make_train_iterator
+  iterator = make_iterator(
     source,
     global_batch_size=gbs,
     image_size=stage.image_size,
@@ -668,7 +713,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
       while step < total_steps:
         batch = next(iterator)
         images = sharding.global_batch(batch["image"], mesh)
-        state, metrics = stage.train_step(state, images, step)
+        if cache is None:
+          state, metrics = stage.train_step(state, images, step)
+        else:  # the base outputs come with the batch
+          state, metrics = stage.train_step_cached(state, images, batch, step)
         step += 1
         consume()  # the previous step's metrics: by now they are (nearly) ready
         pending.append((step, metrics))
