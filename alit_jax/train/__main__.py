@@ -6,10 +6,22 @@ r"""Command line: `python -m alit_jax.train --config=configs/FILE.py:ARGS --work
 Configs: `alit_pretrain.py` (stage 1), `alit_finetune.py` (stage 2: full fine-tuning with pixel,
 LPIPS and GAN losses), `vqgan_train.py` (a base VQGAN from scratch); see their docstrings.
 
+`--config.KEY=None` unsets an optional value (e.g. `--config.lr=None` to use `config.blr`). An
+override that the config makes dead (`--config.blr` while `config.lr` is set, a halting
+threshold with halting off) is refused with the reason rather than silently ignored.
+
+Stops that are not bugs (a non-finite loss, a workdir whose checkpoints do not restore) end with
+one `error:` line on stderr and exit code 1, no traceback.
+
 Multi-host: start one process per host with the same flags plus
   --coordinator_address=HOST0:PORT --num_processes=P --process_id=I
 (or --distributed to let `jax.distributed.initialize()` read them from the cluster environment).
 """
+
+from __future__ import annotations
+
+import re
+import sys
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -28,10 +40,86 @@ _DISTRIBUTED = flags.DEFINE_bool(
 )
 flags.mark_flags_as_required(["config", "workdir"])
 
+# `--config.KEY=None` items, taken out of argv before absl parses it (a typed flag cannot be None).
+_NONE_OVERRIDE = re.compile(r"^--config\.([A-Za-z0-9_.]+)=(?i:none)$")
+_unset: list[str] = []
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+  """absl's parsing, after removing the `--config.KEY=None` items (applied in `main`)."""
+  rest = []
+  for arg in argv:
+    m = _NONE_OVERRIDE.match(arg)
+    if m:
+      _unset.append(m.group(1))
+    else:
+      rest.append(arg)
+  try:
+    return flags.FLAGS(rest)
+  except flags.Error as e:
+    print(f"FATAL Flags parsing error: {e}", file=sys.stderr)
+    print("Pass --helpshort or --helpfull to see help on flags.", file=sys.stderr)
+    sys.exit(1)
+
+
+def _set_none(config, key: str) -> None:
+  *parents, leaf = key.split(".")
+  node = config
+  for p in parents:
+    node = node[p]
+  if leaf not in node:
+    raise app.UsageError(f"--config.{key}=None: the config has no {key!r}")
+  with config.unlocked():
+    node[leaf] = None
+
+
+def given_overrides() -> list[str]:
+  """The config keys given as `--config.KEY=...` on this command line."""
+  fl = flags.FLAGS
+  keys = [n[len("config.") :] for n in fl if n.startswith("config.") and fl[n].present]
+  return sorted(set(keys) | set(_unset))
+
+
+def _get(config, key: str):
+  node = config
+  for p in key.split("."):
+    if node is None or p not in node:
+      return None
+    node = node[p]
+  return node
+
+
+def dead_overrides(config, given: list[str]) -> list[str]:
+  """Messages for the given overrides that the (final) config makes dead.
+
+  Args:
+    config: the config after every override.
+    given: the keys given on the command line (`given_overrides`).
+  """
+  out = []
+  if "blr" in given and _get(config, "lr") is not None:
+    out.append(
+      f"--config.blr has no effect: config.lr={_get(config, 'lr')} is set (the absolute peak lr "
+      "wins); give --config.lr instead, or add --config.lr=None to use blr * batch / 256"
+    )
+  if "loss.halting_threshold" in given and _get(config, "loss.halting") == "off":
+    out.append(
+      "--config.loss.halting_threshold has no effect with config.loss.halting='off'; set "
+      "--config.loss.halting=threshold or sample too"
+    )
+  return out
+
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  config = _CONFIG.value
+  for key in _unset:
+    _set_none(config, key)
+  dead = dead_overrides(config, given_overrides())
+  if dead:
+    print("error: " + "; ".join(dead), file=sys.stderr)
+    return 2
   import jax
 
   if _COORDINATOR.value or _NUM_PROCESSES.value is not None or _PROCESS_ID.value is not None:
@@ -43,10 +131,19 @@ def main(argv):
   elif _DISTRIBUTED.value:
     jax.distributed.initialize()
 
-  from alit_jax.train import trainer
+  from alit_jax.train import checkpoints, trainer
 
-  trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  try:
+    trainer.train_and_evaluate(config, _WORKDIR.value)
+  except (trainer.NonFiniteLossError, checkpoints.NoUsableCheckpointError) as e:
+    from absl import logging
+
+    logging.flush()
+    sys.stderr.flush()
+    print(f"error: {e}", file=sys.stderr, flush=True)
+    return 1
+  return 0
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)

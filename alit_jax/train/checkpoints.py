@@ -13,6 +13,12 @@
 Saves are asynchronous (the device-to-host copy happens before `save` returns, so the state
 can be donated right after) and atomic (Orbax writes to a temporary directory and renames it
 when complete), so a crash mid-save leaves the previous checkpoints intact.
+
+Resume (`TrainCheckpointer.restore_latest`) takes the newest checkpoint that restores cleanly. A
+newer one that does not (truncated or missing files, unreadable JSON) is named with the reason
+and moved aside to `checkpoints/<step>.corrupt-<UTC time>` (kept for inspection, never deleted,
+and invisible to Orbax); if none restores, nothing is moved and `NoUsableCheckpointError` says
+why for each.
 """
 
 from __future__ import annotations
@@ -20,6 +26,8 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import time
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -95,6 +103,39 @@ def _type_registry() -> Any:
   )
 
 
+class NoUsableCheckpointError(RuntimeError):
+  """No checkpoint of a workdir restores (the message names each one and why)."""
+
+
+def _reason(e: BaseException) -> str:
+  """One line for a failed restore: the innermost cause's type and the first line of its message.
+
+  (Orbax wraps TensorStore's `OUT_OF_RANGE: ... Requested byte range ...` in an exception whose
+  own message is a page of TensorStore spec.)
+  """
+  chain, seen = [], set()
+  while e is not None and id(e) not in seen:
+    seen.add(id(e))
+    chain.append(e)
+    e = e.__cause__ or e.__context__
+  e = next((x for x in reversed(chain) if str(x).strip()), chain[0])
+  lines = [x.strip() for x in str(e).splitlines() if x.strip()]
+  text = lines[0] if lines else ""
+  if len(text) > 300:
+    text = text[:297] + "..."
+  return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+def _all_processes_ok(ok: bool) -> bool:
+  """True iff `ok` on every process (a checkpoint counts as good only if all could read it)."""
+  if jax.process_count() == 1:
+    return ok
+  from jax.experimental import multihost_utils
+
+  flags = multihost_utils.process_allgather(np.asarray([ok], np.int32))
+  return bool(np.all(flags))
+
+
 class TrainCheckpointer:
   """`CheckpointManager` for the train state and the data-iterator state."""
 
@@ -146,6 +187,77 @@ class TrainCheckpointer:
     if data_iterator is not None:
       args[DATA_ITEM] = self._grain.CheckpointRestore(data_iterator)
     return self.manager.restore(step, args=ocp.args.Composite(**args))[STATE_ITEM]
+
+  def _restore_item(self, step: int, item: str, args: Any) -> Any:
+    """Restores one item; errors name the item's folder (a bare JSONDecodeError names none)."""
+    try:
+      return self.manager.restore(step, args=ocp.args.Composite(**{item: args}))[item]
+    except Exception as e:
+      raise RuntimeError(f"{self.directory / str(step) / item}: {_reason(e)}") from e
+
+  def restore_latest(
+    self, abstract_state: Any, data_iterator: Any, *, log: Callable[[str], None] = print
+  ) -> tuple[int | None, Any]:
+    """Restores the newest checkpoint that restores cleanly (see the module docstring).
+
+    Args:
+      abstract_state: the target tree (`jax.ShapeDtypeStruct`s with shardings).
+      data_iterator: the grain iterator to rewind (or None).
+      log: receives one line per broken checkpoint.
+
+    Returns:
+      (step, state), or (None, None) when the workdir has no checkpoint.
+
+    Raises:
+      NoUsableCheckpointError: there are checkpoints but none restores.
+    """
+    broken: list[tuple[int, str]] = []
+    for step in sorted(self.all_steps(), reverse=True):
+      reason, state = None, None
+      try:
+        restore_args = ocp.checkpoint_utils.construct_restore_args(abstract_state)
+        state = self._restore_item(
+          step, STATE_ITEM, ocp.args.PyTreeRestore(item=abstract_state, restore_args=restore_args)
+        )
+        if data_iterator is not None:
+          self._restore_item(step, DATA_ITEM, self._grain.CheckpointRestore(data_iterator))
+      except Exception as e:  # any unreadable file: try the checkpoint before it
+        reason = str(e)
+      if _all_processes_ok(reason is None):
+        for bad, why in broken:
+          aside = self._set_aside(bad)
+          log(
+            f"checkpoint {bad} does not restore ({why}); moved it to {aside} and resumed from "
+            f"checkpoint {step}"
+          )
+        if broken:
+          self.manager.reload()
+        return step, state
+      broken.append((step, reason or "another process could not read it"))
+    if broken:
+      raise NoUsableCheckpointError(
+        f"no checkpoint in {self.directory} restores ("
+        + "; ".join(f"step {s}: {why}" for s, why in broken)
+        + "); nothing was moved. If the files are damaged, move them away to start afresh; if "
+        "the config changed, use a new workdir"
+      )
+    return None, None
+
+  def _set_aside(self, step: int) -> pathlib.Path:
+    """Renames checkpoint `step` to `<step>.corrupt-<UTC time>` (process 0), returns the path."""
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    aside = self.directory / f"{step}.corrupt-{stamp}"
+    if jax.process_index() == 0:
+      n = 1
+      while aside.exists():
+        n += 1
+        aside = self.directory / f"{step}.corrupt-{stamp}-{n}"
+      (self.directory / str(step)).rename(aside)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+
+      multihost_utils.sync_global_devices(f"alit_set_aside_{step}")
+    return aside
 
   def wait_until_finished(self) -> None:
     self.manager.wait_until_finished()

@@ -513,11 +513,14 @@ def _make_stage(config: ml_collections.ConfigDict, workdir: pathlib.Path):
 
 
 def _non_finite_message(s: int, m: dict[str, np.ndarray], last_saved, ckpt_dir) -> str:
-  kept = (
-    f"the last good checkpoint (step {last_saved}) in {ckpt_dir} is intact"
-    if last_saved
-    else "no checkpoint was written"
-  )
+  """One line: the step, the values, what is kept and what a rerun does."""
+  if last_saved:
+    kept = (
+      f"the last good checkpoint (step {last_saved}) in {ckpt_dir} is intact, and a rerun "
+      "resumes from it"
+    )
+  else:
+    kept = "no checkpoint was written yet, so a rerun starts from step 0"
   values = ", ".join(
     f"{k} {np.asarray(m[k]).sum():.4g}"
     for k in ("loss", "grad_norm", "disc_loss", "disc_grad_norm")
@@ -525,8 +528,8 @@ def _non_finite_message(s: int, m: dict[str, np.ndarray], last_saved, ckpt_dir) 
   )
   return (
     f"non-finite loss or gradient norm ({values}) at step {s}; training stopped and nothing "
-    f"was saved after it: {kept}. Lower the learning rate (config.blr/config.lr) or use float32 "
-    "(config.compute_dtype) and rerun to resume from that checkpoint."
+    f"was saved after it: {kept}. Lower the learning rate (config.lr, or config.blr when lr is "
+    "unset) or use float32 (config.compute_dtype) before rerunning."
   )
 
 
@@ -536,8 +539,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
   Args:
     config: a `configs/alit_pretrain.py`, `configs/alit_finetune.py` or `configs/vqgan_train.py`
       ConfigDict (`config.stage` selects the stage).
-    workdir: output directory; rerunning with the same workdir resumes from its latest
-      checkpoint (model, optimizer(s), EMA, discriminators, step and data position).
+    workdir: output directory; rerunning with the same workdir resumes from its newest
+      checkpoint that restores (model, optimizer(s), EMA, discriminators, step and data
+      position); `metrics.jsonl` rows past that step are dropped and rewritten.
 
   Returns:
     {"state": the final train state, "step": its step, "metrics": the last logged metrics}.
@@ -545,6 +549,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
   Raises:
     NonFiniteLossError: a step produced a NaN/Inf loss or gradient norm (nothing is saved after
       the last good checkpoint).
+    checkpoints.NoUsableCheckpointError: the workdir has checkpoints but none restores (a
+      newer one that does not is moved aside and the one before it used instead).
   """
   if config.stage not in STAGES:
     raise ValueError(f"unknown stage {config.stage!r}; this trainer implements {STAGES}")
@@ -667,15 +673,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
   try:
     with precision:
       # ---- initial state: resume, init_from, or fresh ----
-      start = ckpt.latest_step()
+      start, state = ckpt.restore_latest(stage.abstract_state, iterator, log=logging.warning)
       if start is not None:
-        state = ckpt.restore(start, stage.abstract_state, iterator)
         logging.info("resumed from %s at step %d", ckpt.directory, start)
       else:
         start = 0
         state = stage.init_state()
       logging.info("%s; mesh %s", stage.describe(), dict(mesh.shape))
-      if _is_main() and start == 0:
+      # Rows past the restored step are recomputed below: drop them first (exactly once each).
+      has_hparams = _is_main() and writers.rewind_jsonl(workdir / writers.METRICS_FILE, start)
+      if _is_main() and not has_hparams:
         writer.write_hparams(
           dict(_flat_config(config), steps_per_epoch=spe, total_steps=total_steps)
         )
@@ -730,6 +737,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
           consume()  # never save a state whose loss was not checked
           ckpt.save(step, state, iterator)
           last_saved = step
+          writer.flush()  # the metrics up to this checkpoint survive a crash
       consume()
   finally:
     ckpt.close()  # waits for an in-flight save

@@ -5,6 +5,10 @@ not installed, a placeholder module is registered first so the rest of clu (writ
 `AsyncMultiWriter`, `LoggingWriter`, `periodic_actions.ReportProgress`) imports. Scalars,
 images, texts, histograms and hparams then go to TensorBoard event files written by
 tensorboardX, and scalars also to `metrics.jsonl` (one JSON object per write, easy to parse).
+
+`metrics.jsonl` is exact across resumes: the trainer flushes (and fsyncs) it at every checkpoint,
+and on resume `rewind_jsonl` drops the rows past the restored step before anything new is
+written, so the resumed run rewrites them once; the file then holds every step exactly once.
 """
 
 from __future__ import annotations
@@ -42,12 +46,16 @@ _install_summary_writer_placeholder()
 from clu import metric_writers, periodic_actions  # noqa: E402
 from clu.metric_writers import interface  # noqa: E402
 
+METRICS_FILE = "metrics.jsonl"
+
 __all__ = [
+  "METRICS_FILE",
   "JsonlWriter",
   "TensorBoardXWriter",
   "create_writer",
   "metric_writers",
   "periodic_actions",
+  "rewind_jsonl",
 ]
 
 
@@ -120,21 +128,29 @@ def _jsonable(v: Any) -> Any:
 
 
 class JsonlWriter(interface.MetricWriter):
-  """Appends `{"step": s, name: value, ...}` lines to a file for every `write_scalars` call."""
+  """Appends `{"step": s, name: value, ...}` lines to a file for every `write_scalars` call.
+
+  The file is opened (for appending) at the first write, so `rewind_jsonl` may replace it
+  between construction and then.
+  """
 
   def __init__(self, path: str | os.PathLike):
     self._path = pathlib.Path(path)
     self._path.parent.mkdir(parents=True, exist_ok=True)
-    self._file = open(self._path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
+    self._file = None
+
+  def _write_row(self, row: dict) -> None:
+    if self._file is None:
+      self._file = open(self._path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
+    self._file.write(json.dumps(row) + "\n")
 
   def write_scalars(self, step: int, scalars: Mapping[str, Any]):
     row = {"step": int(step)}
     row.update({k: _scalar(v) for k, v in scalars.items()})
-    self._file.write(json.dumps(row) + "\n")
+    self._write_row(row)
 
   def write_hparams(self, hparams: Mapping[str, Any]):
-    row = {"hparams": {k: _jsonable(v) for k, v in hparams.items()}}
-    self._file.write(json.dumps(row) + "\n")
+    self._write_row({"hparams": {k: _jsonable(v) for k, v in hparams.items()}})
 
   def write_summaries(self, step, values, metadata=None):
     pass
@@ -155,11 +171,53 @@ class JsonlWriter(interface.MetricWriter):
     pass
 
   def flush(self):
-    self._file.flush()
+    """Writes the buffered rows through to disk (a crash after this loses none of them)."""
+    if self._file is not None and not self._file.closed:
+      self._file.flush()
+      os.fsync(self._file.fileno())
 
   def close(self):
-    if not self._file.closed:
+    if self._file is not None and not self._file.closed:
+      self.flush()
       self._file.close()
+
+
+def rewind_jsonl(path: str | os.PathLike, step: int) -> bool:
+  """Drops the rows of a `JsonlWriter` file past `step` (atomically), for a resume from `step`.
+
+  Rows with `"step" > step` are removed; at `step` 0 (a fresh start) every row is, including the
+  hparams row (the run writes it again). A torn last line (a crash mid-write) is dropped too.
+
+  Args:
+    path: the metrics.jsonl file (absent: nothing to do).
+    step: the restored step.
+
+  Returns:
+    True if an hparams row remains.
+  """
+  path = pathlib.Path(path)
+  if not path.is_file():
+    return False
+  kept, dropped, has_hparams = [], 0, False
+  for line in path.read_text(encoding="utf-8").splitlines():
+    try:
+      row = json.loads(line)
+    except ValueError:
+      dropped += 1
+      continue
+    if step > 0 and (("hparams" in row) or int(row.get("step", 0)) <= step):
+      has_hparams |= "hparams" in row
+      kept.append(line)
+    else:
+      dropped += 1
+  if dropped:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+      f.write("".join(x + "\n" for x in kept))
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  return has_hparams
 
 
 def create_writer(workdir: str | os.PathLike, *, enabled: bool = True) -> interface.MetricWriter:
@@ -174,6 +232,6 @@ def create_writer(workdir: str | os.PathLike, *, enabled: bool = True) -> interf
     [
       metric_writers.LoggingWriter(),
       TensorBoardXWriter(workdir / "tensorboard"),
-      JsonlWriter(workdir / "metrics.jsonl"),
+      JsonlWriter(workdir / METRICS_FILE),
     ]
   )
