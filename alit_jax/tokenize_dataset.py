@@ -41,6 +41,11 @@ iterations that chose L; later ones may not have run). `alit_jax.data.token_data
 them back. Bad images (unreadable or undecodable) get no record; the shard JSON and the manifest
 list them with their id and the reason.
 
+One writer per OUT: each process holds an advisory lock (`fcntl.flock` on
+OUT/.lock-process-<index>, one per process index) for the whole job, so a second run on the same
+OUT with the same index refuses at once, naming the holder's pid and host, rather than
+recomputing and rewriting the first one's shards. A killed run's lock is released by the kernel.
+
 Commit protocol. A shard is written under a temporary name, renamed into place, then its JSON is
 written the same way; a shard counts as done only when both exist. A rerun with the same OUT
 checks job.json (a different checkpoint, model, criterion, threshold, data, shard size or token
@@ -440,6 +445,67 @@ def _atomic_write_text(path: pathlib.Path, text: str) -> None:
   os.replace(tmp, path)
 
 
+LOCK_PREFIX = ".lock-process-"
+
+
+class OutputLockedError(RuntimeError):
+  """OUT is being written by another run with the same process index (the message names it)."""
+
+
+def _read_holder(fd: int, attempts: int = 20) -> str:
+  """The holder's record, waiting briefly for a holder that locked but has not written yet."""
+  for _ in range(attempts):
+    raw = os.pread(fd, 4096, 0)
+    try:
+      h = json.loads(raw)
+      return f"pid {h['pid']} on host {h['host']}, since {h['since']}"
+    except (ValueError, KeyError, TypeError):
+      time.sleep(0.05)
+  return "a process that has not recorded its pid and host yet"
+
+
+class OutputLock:
+  """An advisory `fcntl.flock` on OUT/.lock-process-<index>, held while this process writes OUT.
+
+  The file records the holder's pid, host and start time. A second run with the same process
+  index refuses at once (`OutputLockedError`, naming the holder) instead of recomputing and
+  rewriting the first one's shards. The kernel drops a flock when its holder dies, so a lock
+  left by a killed run never blocks a rerun. Use as a context manager.
+  """
+
+  def __init__(self, out: pathlib.Path, process_index: int):
+    import fcntl
+    import socket
+
+    self.path = pathlib.Path(out) / f"{LOCK_PREFIX}{process_index}"
+    fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      holder = _read_holder(fd)
+      os.close(fd)
+      raise OutputLockedError(
+        f"{out} is being written by another run ({holder}; process index {process_index}); "
+        "wait for it to finish, or use another --out"
+      ) from None
+    since = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    record = {"pid": os.getpid(), "host": socket.gethostname(), "since": since}
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, json.dumps(record).encode(), 0)
+    self._fd: int | None = fd
+
+  def release(self) -> None:
+    if self._fd is not None:
+      os.close(self._fd)  # closing the only descriptor drops the flock
+      self._fd = None
+
+  def __enter__(self) -> OutputLock:
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.release()
+
+
 def shard_name(shard: int, num_shards: int) -> str:
   w = max(5, len(str(num_shards)))
   return f"tokens-{shard:0{w}d}-of-{num_shards:0{w}d}"
@@ -691,6 +757,7 @@ def tokenize_dataset(
 
   Raises:
     ValueError: OUT belongs to a different job, or bad arguments.
+    OutputLockedError: another run holds OUT's lock for this process index.
   """
   import jax
 
@@ -736,160 +803,162 @@ def tokenize_dataset(
   )
   out = pathlib.Path(out).expanduser().absolute()
   (out / SHARD_DIR).mkdir(parents=True, exist_ok=True)
-  # Every process checks; process 0 (or, for independent workers, the first) writes.
-  check_or_write_job(out, job, write=process_index == 0 or not wait_for_others)
-  if wait_for_others and process_index != 0:
-    _wait(
-      lambda: (out / JOB_FILE).is_file(),
-      poll_s,
-      timeout_s=600.0,
-      what=f"process 0 to write {out / JOB_FILE} (did it fail?)",
-    )
-    check_or_write_job(out, job, write=False)
-
-  s_total = job["num_shards"]
-  mine = list(range(process_index, s_total, process_count))
-  pending = [s for s in mine if not shard_done(out, s, s_total)]
-  _clean_tmp(out, mine, s_total)
-  devices = tokenizer.mesh.size if tokenizer.mesh is not None else 1
-  if shard_size % batch_size and log0:
-    log0(
-      f"note: shard_size {shard_size} is not a multiple of batch {batch_size}; the last batch "
-      "of every shard is padded"
-    )
-  tag = f"tokenize[{process_index}/{process_count}] "
-  if log0:
-    op = ">" if crit.higher_is_better else "<"
-    log0(
-      f"{tag}{n} images in {s_total} shards of {shard_size} -> {out}; this process: "
-      f"{len(mine)} shards, {len(mine) - len(pending)} already done; batch {batch_size} on "
-      f"{devices} device(s); criterion {crit.name} {op} {threshold}"
-    )
-
-  # Work list: pending shards' indices, each shard padded to a multiple of the batch.
-  shard_col, index_col = [], []
-  for s in pending:
-    lo, hi = s * shard_size, min(n, (s + 1) * shard_size)
-    m = math.ceil((hi - lo) / batch_size) * batch_size
-    idx = np.full((m,), -1, np.int64)
-    idx[: hi - lo] = np.arange(lo, hi)
-    shard_col.append(np.full((m,), s, np.int64))
-    index_col.append(idx)
-  total = sum(min(n, (s + 1) * shard_size) - s * shard_size for s in pending)
-  progress = _Progress(log0, total, log_every_s, devices, tag)
-  die = _die_point({"process_index": process_index})
-  t_start = time.monotonic()
-  if pending:
-    ds = (
-      grain.MapDataset.source(
-        _ShardRecords(source, np.concatenate(shard_col), np.concatenate(index_col))
+  # One writer per process index for the whole job (flock: released on exit, even by SIGKILL).
+  with OutputLock(out, process_index):
+    # Every process checks; process 0 (or, for independent workers, the first) writes.
+    check_or_write_job(out, job, write=process_index == 0 or not wait_for_others)
+    if wait_for_others and process_index != 0:
+      _wait(
+        lambda: (out / JOB_FILE).is_file(),
+        poll_s,
+        timeout_s=600.0,
+        what=f"process 0 to write {out / JOB_FILE} (did it fail?)",
       )
-      .map(_Prepare(tokenizer.image_size, resize, interpolation))
-      .batch(batch_size, batch_fn=_collate)
-    )
-    it = ds.to_iter_dataset(
-      grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch_buffer_size)
-    )
-    if worker_count > 0:
-      it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
-    iterator = iter(it)
-    try:
-      cur, records, bad, hist, tokens_sum = None, [], [], {}, 0
-      t = tokenizer.tokens_per_iteration
-      for batch in iterator:
-        shard = int(batch["shard"][0])
-        if cur is not None and shard != cur:
-          raise AssertionError("internal error: a batch straddles shards")  # pragma: no cover
-        cur = shard
-        index, errors = batch["index"], batch["error"]
-        real = index >= 0
-        good = real & np.array([not e for e in errors])
-        rows = np.flatnonzero(good)
-        if rows.size:
-          imgs = batch["image"]
-          # Padding and bad rows repeat a real image: they cannot delay the early exit.
-          imgs[~good] = imgs[rows[0]]
-          enc = tokenizer.encode(imgs, crit.name, float(threshold), early_exit=early_exit)
-          toks, lens, scores = jax.device_get((enc.tokens, enc.lengths, enc.scores))
-        n_tok = 0
-        for r in np.flatnonzero(real):
-          if not good[r]:
-            bad.append({"index": int(index[r]), "id": batch["id"][r], "reason": errors[r]})
-            continue
-          length = int(lens[r])
-          records.append(
-            encode_record(
-              index=int(index[r]),
-              id=batch["id"][r],
-              label=int(batch["label"][r]),
-              tokens=toks[r, :length],
-              scores=scores[: length // t, r],
-              token_dtype=tdtype,
-            )
-          )
-          hist[str(length)] = hist.get(str(length), 0) + 1
-          n_tok += length
-        tokens_sum += n_tok
-        progress.update(int(rows.size), n_tok, int(real.sum() - rows.size), int(real.sum()))
-        lo, hi = shard * shard_size, min(n, (shard + 1) * shard_size)
-        if len(records) + len(bad) == hi - lo:
-          meta = {
-            "format": FORMAT,
-            "shard": shard,
-            "start": lo,
-            "stop": hi,
-            "num_records": len(records),
-            "bad": bad,
-            "length_histogram": {k: hist[k] for k in sorted(hist, key=int)},
-            "total_tokens": tokens_sum,
-            "written_by": {"process_index": process_index, "process_count": process_count},
-          }
-          _write_shard(out, shard, s_total, records, meta, die)
-          progress.shards += 1
-          cur, records, bad, hist, tokens_sum = None, [], [], {}, 0
-    finally:
-      close = getattr(iterator, "close", None)
-      if close is not None:
-        close()
-  seconds = time.monotonic() - t_start
-  if log0 and pending:
-    log0(progress.line())
+      check_or_write_job(out, job, write=False)
 
-  if wait_for_others:
-
-    def all_done() -> bool:
-      return all(shard_done(out, s, s_total) for s in range(s_total))
-
-    if not all_done() and log0:
-      log0(f"{tag}own shards done; waiting for the other processes")
-    # No timeout: if another process dies, jax.distributed's heartbeat ends this one.
-    _wait(all_done, poll_s, what=f"{tag}the other processes' shards", log=log0)
-  complete = all(shard_done(out, s, s_total) for s in range(s_total))
-  manifest = None
-  if complete and (process_index == 0 or not wait_for_others):
-    manifest = build_manifest(out)
-    _atomic_write_text(out / MANIFEST_FILE, json.dumps(manifest, indent=1))
-    if log0:
+    s_total = job["num_shards"]
+    mine = list(range(process_index, s_total, process_count))
+    pending = [s for s in mine if not shard_done(out, s, s_total)]
+    _clean_tmp(out, mine, s_total)
+    devices = tokenizer.mesh.size if tokenizer.mesh is not None else 1
+    if shard_size % batch_size and log0:
       log0(
-        f"{tag}complete: {manifest['num_records']} images tokenized, {manifest['num_bad']} bad, "
-        f"mean {manifest['mean_tokens_per_image']:.2f} tokens/image, histogram "
-        f"{manifest['token_length_histogram']} -> {out / MANIFEST_FILE}"
+        f"note: shard_size {shard_size} is not a multiple of batch {batch_size}; the last batch "
+        "of every shard is padded"
       )
-  elif not complete and log0:
-    left = sum(not shard_done(out, s, s_total) for s in range(s_total))
-    log0(f"{tag}{left} of {s_total} shards still pending (other processes)")
-  return Result(
-    out=out,
-    complete=complete,
-    manifest=manifest,
-    shards_done=progress.shards,
-    shards_skipped=len(mine) - len(pending),
-    images=progress.images,
-    bad=progress.bad,
-    seconds=seconds,
-    images_per_s=progress.seen / seconds if seconds > 0 else 0.0,
-    mean_tokens=progress.tokens / progress.images if progress.images else 0.0,
-  )
+    tag = f"tokenize[{process_index}/{process_count}] "
+    if log0:
+      op = ">" if crit.higher_is_better else "<"
+      log0(
+        f"{tag}{n} images in {s_total} shards of {shard_size} -> {out}; this process: "
+        f"{len(mine)} shards, {len(mine) - len(pending)} already done; batch {batch_size} on "
+        f"{devices} device(s); criterion {crit.name} {op} {threshold}"
+      )
+
+    # Work list: pending shards' indices, each shard padded to a multiple of the batch.
+    shard_col, index_col = [], []
+    for s in pending:
+      lo, hi = s * shard_size, min(n, (s + 1) * shard_size)
+      m = math.ceil((hi - lo) / batch_size) * batch_size
+      idx = np.full((m,), -1, np.int64)
+      idx[: hi - lo] = np.arange(lo, hi)
+      shard_col.append(np.full((m,), s, np.int64))
+      index_col.append(idx)
+    total = sum(min(n, (s + 1) * shard_size) - s * shard_size for s in pending)
+    progress = _Progress(log0, total, log_every_s, devices, tag)
+    die = _die_point({"process_index": process_index})
+    t_start = time.monotonic()
+    if pending:
+      ds = (
+        grain.MapDataset.source(
+          _ShardRecords(source, np.concatenate(shard_col), np.concatenate(index_col))
+        )
+        .map(_Prepare(tokenizer.image_size, resize, interpolation))
+        .batch(batch_size, batch_fn=_collate)
+      )
+      it = ds.to_iter_dataset(
+        grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch_buffer_size)
+      )
+      if worker_count > 0:
+        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
+      iterator = iter(it)
+      try:
+        cur, records, bad, hist, tokens_sum = None, [], [], {}, 0
+        t = tokenizer.tokens_per_iteration
+        for batch in iterator:
+          shard = int(batch["shard"][0])
+          if cur is not None and shard != cur:
+            raise AssertionError("internal error: a batch straddles shards")  # pragma: no cover
+          cur = shard
+          index, errors = batch["index"], batch["error"]
+          real = index >= 0
+          good = real & np.array([not e for e in errors])
+          rows = np.flatnonzero(good)
+          if rows.size:
+            imgs = batch["image"]
+            # Padding and bad rows repeat a real image: they cannot delay the early exit.
+            imgs[~good] = imgs[rows[0]]
+            enc = tokenizer.encode(imgs, crit.name, float(threshold), early_exit=early_exit)
+            toks, lens, scores = jax.device_get((enc.tokens, enc.lengths, enc.scores))
+          n_tok = 0
+          for r in np.flatnonzero(real):
+            if not good[r]:
+              bad.append({"index": int(index[r]), "id": batch["id"][r], "reason": errors[r]})
+              continue
+            length = int(lens[r])
+            records.append(
+              encode_record(
+                index=int(index[r]),
+                id=batch["id"][r],
+                label=int(batch["label"][r]),
+                tokens=toks[r, :length],
+                scores=scores[: length // t, r],
+                token_dtype=tdtype,
+              )
+            )
+            hist[str(length)] = hist.get(str(length), 0) + 1
+            n_tok += length
+          tokens_sum += n_tok
+          progress.update(int(rows.size), n_tok, int(real.sum() - rows.size), int(real.sum()))
+          lo, hi = shard * shard_size, min(n, (shard + 1) * shard_size)
+          if len(records) + len(bad) == hi - lo:
+            meta = {
+              "format": FORMAT,
+              "shard": shard,
+              "start": lo,
+              "stop": hi,
+              "num_records": len(records),
+              "bad": bad,
+              "length_histogram": {k: hist[k] for k in sorted(hist, key=int)},
+              "total_tokens": tokens_sum,
+              "written_by": {"process_index": process_index, "process_count": process_count},
+            }
+            _write_shard(out, shard, s_total, records, meta, die)
+            progress.shards += 1
+            cur, records, bad, hist, tokens_sum = None, [], [], {}, 0
+      finally:
+        close = getattr(iterator, "close", None)
+        if close is not None:
+          close()
+    seconds = time.monotonic() - t_start
+    if log0 and pending:
+      log0(progress.line())
+
+    if wait_for_others:
+
+      def all_done() -> bool:
+        return all(shard_done(out, s, s_total) for s in range(s_total))
+
+      if not all_done() and log0:
+        log0(f"{tag}own shards done; waiting for the other processes")
+      # No timeout: if another process dies, jax.distributed's heartbeat ends this one.
+      _wait(all_done, poll_s, what=f"{tag}the other processes' shards", log=log0)
+    complete = all(shard_done(out, s, s_total) for s in range(s_total))
+    manifest = None
+    if complete and (process_index == 0 or not wait_for_others):
+      manifest = build_manifest(out)
+      _atomic_write_text(out / MANIFEST_FILE, json.dumps(manifest, indent=1))
+      if log0:
+        log0(
+          f"{tag}complete: {manifest['num_records']} images tokenized, {manifest['num_bad']} bad, "
+          f"mean {manifest['mean_tokens_per_image']:.2f} tokens/image, histogram "
+          f"{manifest['token_length_histogram']} -> {out / MANIFEST_FILE}"
+        )
+    elif not complete and log0:
+      left = sum(not shard_done(out, s, s_total) for s in range(s_total))
+      log0(f"{tag}{left} of {s_total} shards still pending (other processes)")
+    return Result(
+      out=out,
+      complete=complete,
+      manifest=manifest,
+      shards_done=progress.shards,
+      shards_skipped=len(mine) - len(pending),
+      images=progress.images,
+      bad=progress.bad,
+      seconds=seconds,
+      images_per_s=progress.seen / seconds if seconds > 0 else 0.0,
+      mean_tokens=progress.tokens / progress.images if progress.images else 0.0,
+    )
 
 
 def _wait(
@@ -1008,7 +1077,7 @@ def main(argv: list[str] | None = None) -> int:
       log=log,
       log_every_s=args.log_every,
     )
-  except (FileNotFoundError, ValueError) as e:
+  except (FileNotFoundError, ValueError, OutputLockedError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
   finally:

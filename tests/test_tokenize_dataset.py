@@ -386,6 +386,41 @@ def test_refuses_resume_into_a_different_job(env, capsys):
   assert sorted(p.name for p in (out / td.SHARD_DIR).iterdir()) == before
 
 
+def test_second_concurrent_run_refuses_and_first_is_unharmed(env):
+  """Issue 18 acceptance 4: while one run holds OUT (in this process, paused inside its first
+  log line), a second run of the CLI on the same OUT refuses at once with exit code 2, naming the
+  holder's pid and host; the first then finishes with output identical to a lone run's. A rerun
+  after the first has ended takes the lock again (nothing stale blocks).
+
+  Fails if two runs can both write one OUT (the issue: each recomputed and rewrote every shard,
+  and one's tmp-file cleanup deleted the other's in-flight files), or if the refusal names no
+  holder.
+  """
+  import socket
+
+  out = env["root"] / "concurrent"
+  second = []
+
+  def log(msg):
+    if not second:  # the first line comes after the lock is taken: start the rival now
+      second.append(_finish(_spawn(env, out, processes=1))[0])
+      assert not list((out / td.SHARD_DIR).glob("*.json")), "the rival wrote a shard"
+
+  result = _rerun(env, out, log=log, log_every_s=1e9)
+  ((rc, text),) = second
+  assert rc == 2, text
+  assert f"pid {os.getpid()} on host {socket.gethostname()}" in text, text
+  assert "Traceback" not in text
+  assert result.complete and result.shards_skipped == 0
+  _assert_same_output(out, env["ref"])
+  again = _rerun(env, out)
+  assert again.complete and again.shards_done == 0
+  with td.OutputLock(out, 0):
+    with pytest.raises(td.OutputLockedError, match=f"pid {os.getpid()}"):
+      td.OutputLock(out, 0)
+    td.OutputLock(out, 1).release()  # another process index has its own lock
+
+
 def test_bad_images_are_recorded_and_skipped(env):
   """Unreadable files are listed in the manifest with id and reason, get no record, and do not
   stop the job. Fails if a corrupt file crashes the run, is silently dropped, or is tokenized.
