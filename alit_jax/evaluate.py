@@ -24,7 +24,9 @@ L1, MSE, PSNR, SSIM, LPIPS (with LPIPS weights), rFID (with Inception weights), 
 and perplexity (ALIT's quantizer, quantized models) and 2D usage and perplexity (the VQGAN codes
 the decoder predicts, `argmax` of its logits; VQGAN models). Adaptive rows add the mean and
 median token count. Writes OUT/results.json, per_length.csv, adaptive.csv, per_image.csv,
-per_image.npz, metrics_vs_tokens.png, token_histogram.png and grid.png.
+per_image.npz, metrics_vs_tokens.png, token_histogram.png and grid.png. Files that cannot be
+decoded are skipped, listed in results.json (`skipped`: index, file, reason) and counted in the
+printed table.
 
 How this follows the reference (`evaluate_rfid.py`), and where it departs:
   * Metrics are computed on 8-bit reconstructions: `floor(clip(x, 0, 1) * 255) / 255`, which is
@@ -710,8 +712,9 @@ def evaluate(
     progress: show a progress bar.
 
   Returns:
-    `MetricAccumulator.results()` plus `data`, `checkpoint` (tokenizer meta) and `per_image`
-    (numpy arrays, not written to results.json).
+    `MetricAccumulator.results()` plus `data`, `checkpoint` (tokenizer meta), `skipped` (the
+    records that could not be decoded: `skipped_file` dicts, path and reason), `num_skipped`
+    and `per_image` (numpy arrays, not written to results.json).
   """
   source, description, default_resize = resolve_source(
     source_or_images, split=split, data_dir=data_dir
@@ -736,6 +739,7 @@ def evaluate(
   )
   want_latents = any("latents" in s.criterion.requires for s in selections)
   grid_in, grid_rec, grid_tok = [], [], {s.key: [] for s in selections}
+  skipped_indices: list[int] = []
   for out in iterate_rollouts(
     tokenizer,
     source,
@@ -756,6 +760,8 @@ def evaluate(
       latent_tokens=out.get("latent_tokens"),
       tokens_per_iteration=tokenizer.tokens_per_iteration,
     )
+    index, mask = np.asarray(out["index"]), np.asarray(out["mask"])
+    skipped_indices += [int(i) for i in index[(index >= 0) & ~mask]]  # unreadable, not padding
     have = sum(len(g) for g in grid_in)
     res = acc.add(
       out["x"],
@@ -780,6 +786,8 @@ def evaluate(
   results["checkpoint"] = {k: str(v) for k, v in getattr(tokenizer, "meta", {}).items()}
   results["model"] = getattr(cfg, "name", "")
   results["halting"] = halting
+  results["skipped"] = [skipped_file(source, i) for i in sorted(skipped_indices)]
+  results["num_skipped"] = len(results["skipped"])
   results["per_image"] = acc.per_image()
   names = getattr(source, "file_names", None)
   if names is not None and "index" in results["per_image"]:
@@ -796,6 +804,32 @@ def evaluate(
       )
     write_outputs(results, out_dir, grid=grid)
   return results
+
+
+def skipped_file(source: Any, index: int) -> dict[str, Any]:
+  """{"index", "file", "reason"} of a record the pipeline skipped (it could not be decoded).
+
+  The reason is found again by decoding the record once more (the pipeline only keeps a mask);
+  its text is stable across runs (no object addresses).
+  """
+  from alit_jax.data import transforms
+
+  record = source[index]
+  name = record.get("file_name") or str(index)
+  if isinstance(name, bytes):
+    name = name.decode("utf-8", "replace")
+  try:
+    transforms.decode_image(record["image"])
+    reason = "could not be preprocessed"
+  except ValueError as e:
+    reason = str(e)
+  path = getattr(source, "root", None)
+  if reason == "empty image data" and path is not None:
+    try:  # ImageFolderSource turns a read error into empty data: say what the error was
+      (pathlib.Path(path) / name).read_bytes()
+    except OSError as e:
+      reason = f"cannot read: {type(e).__name__}: {e.strerror or e}"
+  return {"index": int(index), "file": str(name), "reason": reason}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1013,7 +1047,10 @@ def format_table(results: Mapping[str, Any]) -> str:
     if any(r.get(c) is not None for r in results["per_length"])
   ]
   head = f"{'tokens':>14} " + " ".join(f"{c:>13}" for c in cols)
-  lines = [f"{results['num_images']} images from {results.get('data', '')}", head]
+  title = f"{results['num_images']} images from {results.get('data', '')}"
+  if results.get("num_skipped"):
+    title += f", {results['num_skipped']} files skipped (unreadable; listed in results.json)"
+  lines = [title, head]
 
   def fmt(v):
     return f"{'-':>13}" if v is None else f"{v:13.5g}"

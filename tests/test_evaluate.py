@@ -566,3 +566,33 @@ def test_oracle_criteria_bind_and_latents(tiny_tok, image_folder):
   expect = np.where(labels == 0, 32, np.where(labels == 1, 96, 256))
   np.testing.assert_array_equal(tokens, expect)
   assert res["adaptive"][0]["mean_tokens"] == pytest.approx(expect.mean())
+
+
+def test_skipped_files_are_listed_in_results(tiny_tok, image_folder, tmp_path, caplog):
+  """Issue 18 acceptance 5: `evaluate` on a folder with an empty, a garbage and a truncated file
+  evaluates the good images, lists the bad ones (path, reason) in results.json and counts them
+  in the table; the warnings and reasons hold no object addresses (stable between runs).
+
+  Fails if skipped files are only mentioned on stderr (results.json said `num_images: 6` and
+  nothing else), or if a reason changes from run to run.
+  """
+  import shutil
+
+  folder = tmp_path / "imgs"
+  shutil.copytree(image_folder, folder)
+  png = (folder / "flat" / "00000.png").read_bytes()
+  (folder / "flat" / "zz_empty.png").write_bytes(b"")
+  (folder / "noise" / "zz_garbage.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x01" * 50)
+  (folder / "texture" / "zz_truncated.png").write_bytes(png[:80])
+  caplog.set_level("WARNING")
+  out = tmp_path / "out"
+  res = ev.evaluate(tiny_tok, str(folder), batch_size=8, out_dir=out, progress=False)
+  saved = json.loads((out / "results.json").read_text())
+  assert saved["num_images"] == 6 and saved["num_skipped"] == 3
+  files = {s["file"]: s["reason"] for s in saved["skipped"]}
+  assert sorted(files) == ["flat/zz_empty.png", "noise/zz_garbage.png", "texture/zz_truncated.png"]
+  assert files["flat/zz_empty.png"] == "empty image data"
+  assert all(r.startswith("cannot decode image") for f, r in files.items() if "zz_empty" not in f)
+  assert all(" at 0x" not in r for r in files.values())
+  assert " at 0x" not in caplog.text and "zz_garbage.png" in caplog.text
+  assert "3 files skipped" in ev.format_table(res).splitlines()[0]

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import io
 import math
+import re
 from collections.abc import Sequence
 
 import grain
@@ -100,7 +101,9 @@ def decode_image(data) -> Image.Image:
       im.load()
       return to_rgb(im)
   except Exception as e:  # PIL raises many types (OSError, SyntaxError, ...) for bad data.
-    raise ValueError(f"cannot decode image: {type(e).__name__}: {e}") from e
+    # PIL names the buffer ("<_io.BytesIO object at 0x...>"): an address that changes per run.
+    text = re.sub(r"<[^<>]* at 0x[0-9a-fA-F]+>", "<data>", str(e))
+    raise ValueError(f"cannot decode image: {type(e).__name__}: {text}") from e
 
 
 class DecodeImage(grain.transforms.Map):
