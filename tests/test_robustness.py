@@ -280,3 +280,32 @@ def test_dead_config_override_is_refused(tmp_path):
   c.loss.halting = "off"
   assert "halting_threshold" in cli.dead_overrides(c, ["loss.halting_threshold"])[0]
   assert cli._NONE_OVERRIDE.match("--config.lr=None").group(1) == "lr"
+
+
+def test_export_overwrite_refuses_the_workdir_and_foreign_dirs(full, tmp_path, capsys):
+  """`train.export --overwrite` refuses an --out that holds the workdir, or a directory it did
+  not write, with one line and deleting nothing; over its own earlier export it succeeds.
+
+  Fails if an export can replace (delete) the training workdir or a user's folder.
+  """
+  from alit_jax import Tokenizer, outputs
+  from alit_jax.train import export
+
+  ref_dir, _ = full
+  before = sorted(p.relative_to(ref_dir) for p in ref_dir.rglob("*"))
+  for out in (ref_dir, ref_dir.parent):
+    assert export.main([str(ref_dir), "--out", str(out), "--overwrite"]) == 2
+    err = capsys.readouterr().err
+    assert "contains the input" in err and len(err.strip().splitlines()) == 1, err
+  foreign = tmp_path / "foreign"
+  foreign.mkdir()
+  (foreign / "keep.txt").write_text("x")
+  assert export.main([str(ref_dir), "--out", str(foreign), "--overwrite"]) == 2
+  assert "not written by alit-jax" in capsys.readouterr().err
+  assert [p.name for p in foreign.iterdir()] == ["keep.txt"]
+  out = tmp_path / "exported"
+  assert export.main([str(ref_dir), "--out", str(out)]) == 0
+  assert export.main([str(ref_dir), "--out", str(out), "--overwrite", "--params"]) == 0
+  assert (out / outputs.MARKER).is_file()
+  assert Tokenizer.from_pretrained(out).meta["weights"] == "params"
+  assert sorted(p.relative_to(ref_dir) for p in ref_dir.rglob("*")) == before
