@@ -39,6 +39,12 @@ def parse_args(argv=None):
   p.add_argument("--iters", type=int, default=2, help="rollout iterations")
   p.add_argument("--continuous", action="store_true", help="unquantized latents")
   p.add_argument("--commitment", type=float, default=0.25, help="quantizer commitment weight")
+  p.add_argument(
+    "--decoder-embed-scale",
+    type=float,
+    default=1.0,
+    help="probe: multiply decoder_embed's kernel at init (its output is ~0.02 sqrt(width))",
+  )
   p.add_argument("--width", type=int, default=64)
   p.add_argument("--layers", type=int, default=2)
   p.add_argument("--batch-size", type=int, default=16)
@@ -67,6 +73,12 @@ def run(args) -> dict:
   )
   model = ALIT(cfg)
   params = ka.init(model, args.seed)
+  if args.decoder_embed_scale != 1.0:
+    dec = dict(params["decoder"])
+    emb = dict(dec["decoder_embed"])
+    emb["kernel"] = emb["kernel"] * args.decoder_embed_scale
+    dec["decoder_embed"] = emb
+    params = dict(params, decoder=dec)
   hp = dict(lr=args.lr, min_lr=0.0, warmup_steps=args.warmup_steps, total_steps=args.steps)
   tx, step = ka.make_train_step(model, optim.OptimizerSpec(), hp)
   opt_state = tx.init(params)
