@@ -358,7 +358,8 @@ class Result:
     manifest: the manifest when this call wrote it, else None.
     shards_done, shards_skipped: shards committed in this call / found already committed.
     images, bad: images cached / bad images skipped in this call.
-    seconds, images_per_s: wall time of the build loop and its rate (images, all views).
+    seconds, images_per_s: wall time of the build loop and source images (each with its K
+      views) per second.
   """
 
   out: pathlib.Path

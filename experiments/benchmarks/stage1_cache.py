@@ -183,6 +183,8 @@ def main(argv=None) -> int:
       "cores": os.cpu_count(),
       "platform": jax.default_backend(),
       "jax": jax.__version__,
+      # The machine may be shared: the 1-minute load average before and after the runs.
+      "load_average_start": os.getloadavg()[0],
     },
     "config": "configs/demo_alit.py (batch 16, 64x64, width 128, 2+2 layers, 8 x 32 tokens)",
     "phases": {},
@@ -221,7 +223,11 @@ def main(argv=None) -> int:
         )
       row["step"] = step_seconds(demo_config(ph, base_dir, s, None), str(cache_dir), s)
       results["phases"][ph] = row
-  print()
+  results["machine"]["load_average_end"] = os.getloadavg()[0]
+  print(
+    f"\nload average (1 min): {results['machine']['load_average_start']:.2f} at the start, "
+    f"{results['machine']['load_average_end']:.2f} at the end"
+  )
   print(
     "| phase | trainer steps/s, images | trainer steps/s, cache | speedup | step s, images |"
     " step s, cache | speedup | base encoder alone, s |"
