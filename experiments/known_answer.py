@@ -22,12 +22,13 @@ import pathlib
 import time
 
 import _common  # noqa: F401  (puts the repository on sys.path)
+import jax
 import numpy as np
 from _common import write_json
 
 from alit_jax.analysis import known_answer as ka
 from alit_jax.models.alit import ALIT
-from alit_jax.train import optim
+from alit_jax.train import steps
 
 
 def parse_args(argv=None):
@@ -72,7 +73,7 @@ def run(args) -> dict:
     commitment_cost=args.commitment,
   )
   model = ALIT(cfg)
-  params = ka.init(model, args.seed)
+  params = steps.init_params(model, jax.random.key(args.seed))
   if args.decoder_embed_scale != 1.0:
     dec = dict(params["decoder"])
     emb = dict(dec["decoder_embed"])
@@ -80,8 +81,8 @@ def run(args) -> dict:
     dec["decoder_embed"] = emb
     params = dict(params, decoder=dec)
   hp = dict(lr=args.lr, min_lr=0.0, warmup_steps=args.warmup_steps, total_steps=args.steps)
-  tx, step = ka.make_train_step(model, optim.OptimizerSpec(), hp)
-  opt_state = tx.init(params)
+  step = ka.make_train_step(model, hp)
+  state = steps.init_train_state(params, ka.SPEC)
   rng = np.random.default_rng(args.seed)
   codebook = problem.codebook(args.seed)
   probe = problem.batch(np.random.default_rng(10_000 + args.seed), codebook, 64)
@@ -94,8 +95,8 @@ def run(args) -> dict:
   print(f"information bound per iteration (nats/position): {[round(b, 3) for b in bounds]}")
   rows, t0 = [], time.time()
   for s in range(args.steps + 1):
-    usage = ka.code_usage(model, params, probe) if s % args.log_every == 0 else None
-    params, opt_state, m = step(params, opt_state, problem.batch(rng, codebook, args.batch_size))
+    usage = ka.code_usage(model, state["params"], probe) if s % args.log_every == 0 else None
+    state, m = step(state, problem.batch(rng, codebook, args.batch_size))
     if usage is not None:
       nll = [float(v) for v in np.asarray(m["nll_loss"])]
       rows.append(dict(step=s, nll=nll, seconds=time.time() - t0, **usage))

@@ -6,11 +6,13 @@ code-usage numbers (the evidence that the quantizer collapses at init) mean some
 
 import math
 
+import jax
 import numpy as np
 import pytest
 
 from alit_jax.analysis import known_answer as ka
 from alit_jax.models.alit import ALIT
+from alit_jax.train import steps
 
 
 def test_problem_carries_exactly_its_bits():
@@ -37,7 +39,7 @@ def test_latent_collapses_at_init():
   with the commitment loss on, training keeps it there (README in experiments/)."""
   p = ka.Problem()
   model = ALIT(ka.model_config(p))
-  params = ka.init(model, 0)
+  params = steps.init_params(model, jax.random.key(0))
   usage = ka.code_usage(model, params, p.batch(np.random.default_rng(1), p.codebook(0), 32))
   assert usage["distinct_per_slot"] == 1.0
   assert usage["spread"] < 0.05

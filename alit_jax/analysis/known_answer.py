@@ -20,12 +20,11 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from alit_jax.models import rollout as rollout_lib
 from alit_jax.models.alit import ALIT
 from alit_jax.models.configs import ALITConfig
-from alit_jax.train import losses, optim, steps
+from alit_jax.train import steps
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,29 +91,27 @@ def model_config(problem: Problem, **overrides: Any) -> ALITConfig:
   return ALITConfig(**kw)
 
 
-def make_train_step(model: ALIT, spec: optim.OptimizerSpec, hp: dict[str, float]):
-  """A jitted `(params, opt_state, base_out) -> (params, opt_state, metrics)`.
+SPEC = steps.Stage1Spec(halting=rollout_lib.NO_HALTING)
 
-  The project's own objective (`losses.stage1_loss`, halting off, the reference's lambda) and
-  optimizer (`optim.make_optimizer` with the warm-up + cosine `lr_schedule`).
+
+def make_train_step(model: ALIT, hp: dict[str, float]):
+  """A jitted `(state, base_out) -> (state, metrics)` running the trainer's own update.
+
+  `steps.stage1_update` (the project's `stage1_loss`, clipping, AdamW with the warm-up + cosine
+  `lr_schedule`, EMA) with halting off and the reference's lambda. `state` comes from
+  `steps.init_train_state(params, SPEC)`.
   """
-  hpa = {k: jnp.float32(v) for k, v in hp.items()}
-  tx = optim.make_optimizer(spec, lambda count: optim.lr_schedule(count, hpa))
+  hpa = steps.hparams(ema_decay=0.999, steps_per_epoch=1e9, **hp)
   c = model.config
-  images = jnp.zeros((1, c.image_size, c.image_size, 3), jnp.float32)
+  seed = jnp.uint32(0)  # unused: nothing is sampled with halting off and every loss iteration
 
   @jax.jit
-  def step(params, opt_state, base_out):
-    x = jnp.broadcast_to(images, (base_out["gt_indices"].shape[0],) + images.shape[1:])
+  def step(state, base_out):
+    n = base_out["gt_indices"].shape[0]
+    x = jnp.zeros((n, c.image_size, c.image_size, 3), jnp.float32)
+    return steps.stage1_update(state, x, base_out, hpa, seed, model, SPEC)
 
-    def loss_fn(p):
-      return losses.stage1_loss(model, {"params": p}, x, base_out)
-
-    (_, m), g = jax.value_and_grad(loss_fn, has_aux=True)(params)
-    updates, opt_state = tx.update(g, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, m
-
-  return tx, step
+  return step
 
 
 def code_usage(model: ALIT, params: Any, base_out: dict[str, Any]) -> dict[str, float]:
@@ -137,8 +134,3 @@ def code_usage(model: ALIT, params: Any, base_out: dict[str, Any]) -> dict[str, 
     q = np.asarray(out["quant_indices"][-1])[:, :n_slots]
     res["distinct_per_slot"] = float(np.mean([len(np.unique(q[:, j])) for j in range(n_slots)]))
   return res
-
-
-def init(model: ALIT, seed: int) -> Any:
-  """Fresh params by the reference's rules."""
-  return steps.init_params(model, jax.random.key(seed))
