@@ -71,7 +71,6 @@ import json
 import math
 import os
 import pathlib
-import re
 import signal
 import sys
 import time
@@ -247,9 +246,7 @@ class _Prepare(grain.transforms.Map):
         raise ValueError(f"preprocessing gave shape {arr.shape}")
       out["image"] = arr
     except Exception as e:  # any decoder failure is a bad image, not a crashed job
-      msg = str(e) if isinstance(e, ValueError) else f"{type(e).__name__}: {e}"
-      # Object addresses ("<_io.BytesIO object at 0x...>") would make reruns differ.
-      out["error"] = re.sub(r"<[^<>]* at 0x[0-9a-fA-F]+>", "<data>", msg)
+      out["error"] = T.error_text(e)
     return out
 
 

@@ -54,7 +54,6 @@ import json
 import math
 import os
 import pathlib
-import re
 import sys
 import time
 from collections.abc import Callable
@@ -328,8 +327,7 @@ class _Views(grain.transforms.Map):
           "image"
         ]
     except Exception as e:  # any decoder failure is a bad image, not a crashed build
-      msg = str(e) if isinstance(e, ValueError) else f"{type(e).__name__}: {e}"
-      out["error"] = re.sub(r"<[^<>]* at 0x[0-9a-fA-F]+>", "<data>", msg)
+      out["error"] = T.error_text(e)
     return out
 
 

@@ -101,9 +101,21 @@ def decode_image(data) -> Image.Image:
       im.load()
       return to_rgb(im)
   except Exception as e:  # PIL raises many types (OSError, SyntaxError, ...) for bad data.
-    # PIL names the buffer ("<_io.BytesIO object at 0x...>"): an address that changes per run.
-    text = re.sub(r"<[^<>]* at 0x[0-9a-fA-F]+>", "<data>", str(e))
-    raise ValueError(f"cannot decode image: {type(e).__name__}: {text}") from e
+    raise ValueError(f"cannot decode image: {type(e).__name__}: {stable_text(str(e))}") from e
+
+
+def stable_text(text: str) -> str:
+  """`text` with object addresses ("<_io.BytesIO object at 0x...>") replaced by `<data>`.
+
+  PIL names the buffer it read in its errors; the address changes per run, so reports and
+  manifests that quote an error would differ between reruns.
+  """
+  return re.sub(r"<[^<>]* at 0x[0-9a-fA-F]+>", "<data>", text)
+
+
+def error_text(e: Exception) -> str:
+  """One stable line for a bad image: a ValueError's message, else `Type: message`."""
+  return stable_text(str(e) if isinstance(e, ValueError) else f"{type(e).__name__}: {e}")
 
 
 class DecodeImage(grain.transforms.Map):
