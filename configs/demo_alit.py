@@ -32,10 +32,20 @@ from configs import alit_pretrain, common
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  """Demo ALIT config; `arg`: `phase=warmup|full` (default full) and/or "runlocal" (a few steps)."""
-  a = common.parse_arg(arg, runlocal=False, phase="full")
+  """Demo ALIT config.
+
+  Args:
+    arg: `phase=warmup|full` (default full), `latent=quantized|continuous` (default quantized;
+      continuous is the reference's `quantize_latent=False` configuration) and/or "runlocal"
+      (a few steps).
+  """
+  a = common.parse_arg(arg, runlocal=False, phase="full", latent="quantized")
   if a.phase not in ("warmup", "full"):
     raise ValueError(f"configs/demo_alit.py: phase must be 'warmup' or 'full', got {a.phase!r}")
+  if a.latent not in ("quantized", "continuous"):
+    raise ValueError(
+      f"configs/demo_alit.py: latent must be 'quantized' or 'continuous', got {a.latent!r}"
+    )
   c = alit_pretrain.get_config("variant=tiny,base=vqgan")
   c.model.name = "test"  # models.configs.tiny_config(**model.test), base sizes from the base
   c.model.test = ml_collections.ConfigDict(
@@ -50,6 +60,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       token_dim=12,
     )
   )
+  c.model.quantize_latent = a.latent == "quantized"
   c.model.image_size = 64
   c.model.patch_size = 4
 

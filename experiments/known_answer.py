@@ -17,6 +17,7 @@ OUT/known_answer.json with every logged row.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import pathlib
 import time
@@ -39,7 +40,20 @@ def parse_args(argv=None):
   p.add_argument("--codes", type=int, default=2, help="latent codebook size")
   p.add_argument("--iters", type=int, default=2, help="rollout iterations")
   p.add_argument("--continuous", action="store_true", help="unquantized latents")
+  p.add_argument(
+    "--noise-std",
+    type=float,
+    default=0.0,
+    help="continuous latents through a noisy channel (ALITConfig.latent_noise_std; implies "
+    "--continuous): a capacity bound of latent_capacity_bits per token",
+  )
   p.add_argument("--commitment", type=float, default=0.25, help="quantizer commitment weight")
+  p.add_argument(
+    "--commitment-switch",
+    default="",
+    metavar="STEP:VALUE",
+    help="from STEP on, train with commitment weight VALUE (a two-phase schedule)",
+  )
   p.add_argument(
     "--decoder-embed-scale",
     type=float,
@@ -54,8 +68,25 @@ def parse_args(argv=None):
   p.add_argument("--steps", type=int, default=300)
   p.add_argument("--log-every", type=int, default=25)
   p.add_argument("--seed", type=int, default=0)
+  p.add_argument(
+    "--probe-patterns", type=int, default=512, help="held-out bit patterns (x4 noise draws each)"
+  )
   p.add_argument("--out", default="runs/known_answer")
   return p.parse_args(argv)
+
+
+REDRAWS = 4  # held-out images per bit pattern (to tell bits from noise in the codes)
+
+
+def _format(row: dict) -> str:
+  txt = f"step {row['step']:5d}  train nll " + " ".join(f"{v:.4f}" for v in row["nll"])
+  txt += "  held-out " + " ".join(f"{v:.4f}" for v in row["heldout_nll"])
+  if "codes" in row:
+    txt += "  code bits " + " ".join(f"{c['entropy']:.2f}" for c in row["codes"])
+    txt += "  slot MI " + " ".join(f"{np.mean(c['slot_mi']):.2f}" for c in row["codes"])
+  if "distinct_per_slot" in row:
+    txt += f"  distinct {row['distinct_per_slot']:.2f}"
+  return txt + f"  spread {row['spread']:.3f}"
 
 
 def run(args) -> dict:
@@ -69,7 +100,8 @@ def run(args) -> dict:
     codebook_size=args.codes,
     num_latent_tokens=args.tokens,
     max_rollout_iters=args.iters,
-    quantize_latent=not args.continuous,
+    quantize_latent=not (args.continuous or args.noise_std > 0),
+    latent_noise_std=args.noise_std,
     commitment_cost=args.commitment,
   )
   model = ALIT(cfg)
@@ -82,26 +114,36 @@ def run(args) -> dict:
     params = dict(params, decoder=dec)
   hp = dict(lr=args.lr, min_lr=0.0, warmup_steps=args.warmup_steps, total_steps=args.steps)
   step = ka.make_train_step(model, hp)
+  switch_at, late_step = args.steps + 1, None
+  if args.commitment_switch:
+    at, value = args.commitment_switch.split(":")
+    switch_at = int(at)
+    late = ALIT(dataclasses.replace(cfg, commitment_cost=float(value)))
+    late_step = ka.make_train_step(late, hp)
   state = steps.init_train_state(params, ka.SPEC)
   rng = np.random.default_rng(args.seed)
   codebook = problem.codebook(args.seed)
-  probe = problem.batch(np.random.default_rng(10_000 + args.seed), codebook, 64)
-  bounds = [
-    0.0
-    if args.continuous
-    else ka.nll_bound(args.bits, args.tokens * (i + 1) * math.log2(args.codes))
-    for i in range(args.iters)
-  ]
+  probe, bits = ka.probe_set(problem, codebook, args.probe_patterns, REDRAWS, 10_000 + args.seed)
+  usage_set = {k: v[:64] if k != "codebook" else v for k, v in probe.items()}
+  rollout = ka.make_rollout(model)
+  per_token = math.log2(args.codes) if cfg.quantize_latent else cfg.latent_capacity_bits
+  bounds = [ka.nll_bound(args.bits, args.tokens * (i + 1) * per_token) for i in range(args.iters)]
   print(f"information bound per iteration (nats/position): {[round(b, 3) for b in bounds]}")
   rows, t0 = [], time.time()
   for s in range(args.steps + 1):
-    usage = ka.code_usage(model, state["params"], probe) if s % args.log_every == 0 else None
-    state, m = step(state, problem.batch(rng, codebook, args.batch_size))
-    if usage is not None:
-      nll = [float(v) for v in np.asarray(m["nll_loss"])]
-      rows.append(dict(step=s, nll=nll, seconds=time.time() - t0, **usage))
-      extra = " ".join(f"{k} {v:.3f}" for k, v in usage.items())
-      print(f"step {s:5d}  nll " + " ".join(f"{v:.4f}" for v in nll) + f"  {extra}", flush=True)
+    row = None
+    if s % args.log_every == 0 or s == args.steps:
+      row = dict(step=s, **ka.code_usage(model, state["params"], usage_set))
+      ev = rollout(state["params"], probe)
+      row["heldout_nll"] = [float(v) for v in ev["nll"]]
+      if "quant_indices" in ev:
+        row["codes"] = ka.code_information(ev["quant_indices"], bits, args.tokens, REDRAWS)
+    fn = step if s < switch_at else late_step
+    state, m = fn(state, problem.batch(rng, codebook, args.batch_size))
+    if row is not None:
+      row.update(nll=[float(v) for v in np.asarray(m["nll_loss"])], seconds=time.time() - t0)
+      rows.append(row)
+      print(_format(row), flush=True)
   return {"args": vars(args), "bounds": bounds, "rows": rows}
 
 

@@ -134,3 +134,102 @@ def code_usage(model: ALIT, params: Any, base_out: dict[str, Any]) -> dict[str, 
     q = np.asarray(out["quant_indices"][-1])[:, :n_slots]
     res["distinct_per_slot"] = float(np.mean([len(np.unique(q[:, j])) for j in range(n_slots)]))
   return res
+
+
+def probe_set(
+  problem: Problem, codebook: np.ndarray, patterns: int = 512, redraws: int = 4, seed: int = 777
+) -> tuple[dict[str, Any], np.ndarray]:
+  """Held-out images for `code_information`: `patterns` bit patterns, each drawn `redraws` times.
+
+  Returns:
+    (base_out of patterns * redraws images, each pattern's images adjacent; bits (n, bits) int).
+  """
+  rng = np.random.default_rng(seed)
+  first = problem.batch(rng, codebook, patterns)
+  gt = np.repeat(first["gt_indices"], redraws, axis=0)
+  noise = problem.noise * rng.normal(size=gt.shape + (problem.embed_dim,))
+  feats = (codebook[gt] + noise).astype(np.float32)
+  g, side = problem.grid, math.isqrt(problem.bits)
+  blk = g // side
+  bits = gt.reshape(-1, side, blk, side, blk)[:, :, 0, :, 0].reshape(-1, problem.bits)
+  base_out = {
+    "base_features": feats.reshape(-1, g, g, problem.embed_dim),
+    "gt_indices": gt.astype(np.int32),
+    "codebook": codebook,
+  }
+  return base_out, bits
+
+
+def _entropy_bits(rows: np.ndarray) -> float:
+  """Plug-in entropy (bits) of the rows of an (n, k) int array."""
+  _, counts = np.unique(rows, axis=0, return_counts=True)
+  q = counts / counts.sum()
+  return float(-(q * np.log2(q)).sum()) + 0.0  # no -0.0
+
+
+def make_rollout(model: ALIT):
+  """A jitted `(params, base_out) -> {"nll": (N,), "quant_indices": (N, B, L)}`, halting off.
+
+  `nll` is the mean per-position NLL (nats) of every iteration; `quant_indices` only when the
+  latent is quantized. With `latent_noise_std` > 0 the latents go through the noisy channel (a
+  fixed key), so the NLL is the one the capacity bound applies to.
+  """
+  c = model.config
+
+  @jax.jit
+  def run(params, base_out):
+    n = base_out["gt_indices"].shape[0]
+    x = jnp.zeros((n, c.image_size, c.image_size, 3), jnp.float32)
+    v = {"params": params}
+    img = model.apply(v, x, base_out["base_features"], method=ALIT.embed_images)
+    targets = {k: base_out[k] for k in ("gt_indices", "codebook")}
+    noise = jax.random.key(0) if c.latent_noise_std > 0 else None
+    out = rollout_lib.alit_rollout(model, v, img, targets, impl="unrolled", noise_rng=noise)
+    logp = jax.nn.log_softmax(out["logits"].astype(jnp.float32), axis=-1)
+    gt = jnp.broadcast_to(targets["gt_indices"][None, ..., None], logp.shape[:-1] + (1,))
+    res = {"nll": -jnp.take_along_axis(logp, gt, -1)[..., 0].mean(axis=(1, 2))}
+    if c.quantize_latent:
+      res["quant_indices"] = out["quant_indices"]
+    return res
+
+  return lambda params, base_out: jax.tree.map(np.asarray, run(params, base_out))
+
+
+def code_information(
+  quant_indices: np.ndarray, bits: np.ndarray, tokens: int, redraws: int
+) -> list[dict[str, Any]]:
+  """What each iteration's latent codes carry about the image's bits (plug-in estimates).
+
+  Args:
+    quant_indices: (N, n, L) from `make_rollout`'s function on a `probe_set`.
+    bits: (n, b) the images' bits.
+    tokens: latent tokens per iteration (iteration i has tokens * (i + 1) real slots).
+    redraws: images per bit pattern (adjacent), to estimate the entropy the noise adds.
+
+  Returns:
+    Per iteration: `entropy` of the whole code tuple (bits; an upper bound on what reaches the
+    decoder), `noise_entropy` (its mean entropy among images with the same bits: the part that is
+    not about the bits) and `slot_mi` (each slot's largest mutual information with any one bit:
+    ~1 when a slot holds a bit, small when it holds a mixture such as their sum).
+  """
+  res = []
+  for i in range(quant_indices.shape[0]):
+    q = quant_indices[i][:, : tokens * (i + 1)]
+    groups = q.reshape(-1, redraws, q.shape[-1])
+    slot_mi = []
+    for s in range(q.shape[-1]):
+      hs = _entropy_bits(q[:, s : s + 1])
+      slot_mi.append(
+        max(
+          hs + _entropy_bits(bits[:, k : k + 1]) - _entropy_bits(np.stack([q[:, s], bits[:, k]], 1))
+          for k in range(bits.shape[1])
+        )
+      )
+    res.append(
+      {
+        "entropy": _entropy_bits(q),
+        "noise_entropy": float(np.mean([_entropy_bits(gq) for gq in groups])),
+        "slot_mi": [round(m, 3) for m in slot_mi],
+      }
+    )
+  return res

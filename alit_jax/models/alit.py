@@ -302,12 +302,18 @@ class ALIT(nn.Module):
     """One pass of the encoder transformer over the whole sequence (B, S, W)."""
     return self.encoder(x, key_mask).astype(jnp.float32)
 
-  def latent_head(self, latents: jax.Array, valid: jax.Array | None = None) -> dict[str, jax.Array]:
+  def latent_head(
+    self,
+    latents: jax.Array,
+    valid: jax.Array | None = None,
+    noise_key: jax.Array | None = None,
+  ) -> dict[str, jax.Array]:
     """`encoder_ln_post` -> (`pre_quantizer_mlp`) -> (quantizer): what the decoder receives.
 
     Args:
       latents: (B, L, W) encoder outputs at the latent positions (before ln_post).
       valid: optional bool (B, L) of real tokens (for the quantizer's loss means).
+      noise_key: with `latent_noise_std` > 0 (continuous latents), the key of the channel noise.
 
     Returns:
       dict with `factorized_latent` (B, L, D) (the quantizer input; equals ln_post output when
@@ -327,6 +333,11 @@ class ALIT(nn.Module):
         codebook_loss=aux["codebook_loss"],
         quantizer_loss=aux["quantizer_loss"],
       )
+    elif c.latent_noise_std > 0:
+      f = l2_normalize(f)
+      if noise_key is not None:
+        f = f + c.latent_noise_std * jax.random.normal(noise_key, f.shape, f.dtype)
+      out["decoder_input"] = f
     else:
       out["decoder_input"] = f
     return out

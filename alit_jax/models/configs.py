@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from typing import Any, Literal
 
 BaseKind = Literal["vqgan", "vae"]
@@ -97,8 +98,18 @@ class ALITConfig:
   patch_size: int = 16
   max_rollout_iters: int = 8
   halting_threshold: float = 0.55
+  # Not in the reference (0 = off, the reference). Continuous latents only: the decoder reads the
+  # l2-normalised latent plus N(0, std^2) noise in training, a channel of known capacity
+  # (`latent_capacity_bits`); without a noise key (inference) it reads the normalised latent.
+  # For the known-answer test of the recurrence (`analysis/known_answer.py`).
+  latent_noise_std: float = 0.0
 
   def __post_init__(self):
+    if self.latent_noise_std < 0 or (self.latent_noise_std > 0 and self.quantize_latent):
+      raise ValueError(
+        f"latent_noise_std={self.latent_noise_std}: must be >= 0, and > 0 only with continuous "
+        "latents (quantize_latent=False)"
+      )
     if self.quantize_latent and not self.factorize_latent:
       # The reference forces factorize_latent=True when quantizing (quirk 8).
       object.__setattr__(self, "factorize_latent", True)
@@ -132,6 +143,18 @@ class ALITConfig:
   @property
   def decoder_output_dim(self) -> int:
     return self.base_codebook_size if self.base == "vqgan" else self.base_embed_dim
+
+  @property
+  def latent_capacity_bits(self) -> float:
+    """Upper bound on the bits one latent token carries through the noisy channel (inf if none).
+
+    Shannon's capacity of D parallel Gaussian channels under the unit-norm power constraint that
+    the l2 normalisation sets: `D / 2 * log2(1 + 1 / (D * std^2))`.
+    """
+    if self.latent_noise_std == 0:
+      return math.inf
+    d = self.latent_dim
+    return d / 2 * math.log2(1 + 1 / (d * self.latent_noise_std**2))
 
   @property
   def latent_dim(self) -> int:

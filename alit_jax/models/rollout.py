@@ -174,10 +174,12 @@ def _iteration_outputs(
   halting: Halting,
   key: jax.Array | None,
   masked: bool,
+  noise_key: jax.Array | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Latent head, decoder, code and halting for encoder output `x` (B, S, W).
 
   `n_valid` latent slots are real; with `masked`, the rest of the buffer is masked out.
+  `noise_key`: the latent channel's noise (`ALITConfig.latent_noise_std`).
   """
   c = model.config
   n_img = c.num_image_tokens
@@ -186,7 +188,7 @@ def _iteration_outputs(
   valid = None
   if masked:
     valid = jnp.broadcast_to(jnp.arange(length) < n_valid, (b, length))
-  head = _apply(model, alit_vars, ALIT.latent_head, lat, valid)
+  head = _apply(model, alit_vars, ALIT.latent_head, lat, valid, noise_key)
   out = _apply(model, alit_vars, ALIT.decode, head["decoder_input"], valid)
   res = _code_and_halting(out, targets, halting, key)
   res.update(latent_tokens=lat, decoder_latent_input=head["decoder_input"])
@@ -256,6 +258,7 @@ def alit_rollout(
   rng: jax.Array | None = None,
   impl: Literal["scan", "unrolled"] = "scan",
   decode_mask: jax.Array | None = None,
+  noise_rng: jax.Array | None = None,
 ) -> dict[str, jax.Array]:
   """Runs all `max_rollout_iters` iterations of ALIT.
 
@@ -271,6 +274,8 @@ def alit_rollout(
       applied). The reference's training with `sample_grad_iters` decodes only at the sampled
       iterations; elsewhere the encoder just carries on. Outputs of skipped iterations are zeros.
       The unrolled variant needs a concrete (non-traced) mask.
+    noise_rng: PRNG key of the latent channel noise (folded with the iteration index), used when
+      `latent_noise_std` > 0; None: no noise (inference).
 
   Returns:
     Per-iteration arrays stacked on axis 0 (N = max_rollout_iters, L = N*T latent slots):
@@ -288,32 +293,40 @@ def alit_rollout(
     if rng is None:
       raise ValueError("halting='sample' needs rng")
     keys = jax.vmap(lambda i: jax.random.fold_in(rng, i))(jnp.arange(n))
+  noise_keys = None
+  if noise_rng is not None and c.latent_noise_std > 0:
+    noise_keys = jax.vmap(lambda i: jax.random.fold_in(noise_rng, i))(jnp.arange(n))
 
   if impl == "scan":
     x0 = initial_buffer(model, alit_vars, img_tokens, full=True)
 
-    def decode_step(x, i, key):
+    def decode_step(x, i, key, noise_key):
       return _iteration_outputs(
-        model, alit_vars, x, t * (i + 1), targets, halting, key, masked=True
+        model, alit_vars, x, t * (i + 1), targets, halting, key, True, noise_key
       )
 
     def body(x, inp):
-      i, key = inp
+      i, key, noise_key = inp
       key = key if keys is not None else None
+      noise_key = noise_key if noise_keys is not None else None
       x = _apply(model, alit_vars, ALIT.encode, x, _key_mask(model, i))
       if decode_mask is None:
-        x, res = decode_step(x, i, key)
+        x, res = decode_step(x, i, key, noise_key)
       else:
-        shapes = jax.eval_shape(decode_step, x, i, key)[1]
+        shapes = jax.eval_shape(decode_step, x, i, key, noise_key)[1]
 
-        def skip(x, i, key):
+        def skip(x, i, key, noise_key):
           return x, jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
 
-        x, res = jax.lax.cond(decode_mask[i], decode_step, skip, x, i, key)
+        x, res = jax.lax.cond(decode_mask[i], decode_step, skip, x, i, key, noise_key)
       x = _advance(model, alit_vars, x, i)
       return x, res
 
-    xs = (jnp.arange(n), keys if keys is not None else jnp.zeros((n,), jnp.int32))
+    xs = (
+      jnp.arange(n),
+      keys if keys is not None else jnp.zeros((n,), jnp.int32),
+      noise_keys if noise_keys is not None else jnp.zeros((n,), jnp.int32),
+    )
     _, stacked = jax.lax.scan(body, x0, xs)
     stacked["encoder_input"] = x0[:, : c.num_image_tokens + 1 + t]
     return stacked
@@ -328,9 +341,10 @@ def alit_rollout(
   for i in range(n):
     x = _apply(model, alit_vars, ALIT.encode, x)
     key = None if keys is None else keys[i]
+    noise_key = None if noise_keys is None else noise_keys[i]
     x_enc = x
     x, res = _iteration_outputs(
-      model, alit_vars, x, t * (i + 1), targets, halting, key, masked=False
+      model, alit_vars, x, t * (i + 1), targets, halting, key, False, noise_key
     )
     if decode_mask is not None and not decode_mask[i]:
       x, res = x_enc, jax.tree.map(jnp.zeros_like, res)

@@ -55,6 +55,7 @@ def stage1_loss(
   loss_iters: jax.Array | None = None,
   lam: Sequence[float] | None = None,
   impl: str = "scan",
+  noise_rng: jax.Array | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Stage-1 loss for one batch.
 
@@ -70,6 +71,7 @@ def stage1_loss(
       halted, like the reference's `sample_grad_iters`); None = all.
     lam: per-iteration weights of the main term (nll for VQGAN, code MSE for the VAE).
     impl: rollout implementation.
+    noise_rng: key of the latent channel noise (`ALITConfig.latent_noise_std` > 0).
 
   Returns:
     (total loss, metrics) where metrics holds per-iteration `nll_loss`, `code_loss`,
@@ -90,6 +92,7 @@ def stage1_loss(
     rng=rng,
     impl=impl,
     decode_mask=loss_iters,
+    noise_rng=noise_rng,
   )
   w = jnp.ones((n,), jnp.float32) if loss_iters is None else loss_iters.astype(jnp.float32)
   lam_arr = loss_weights(n, lam)

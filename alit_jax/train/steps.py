@@ -44,6 +44,7 @@ STREAMS = {
   "disc_params": 6,  # discriminator initialisation
   "posterior": 7,  # VAE posterior samples
   "codes": 8,  # VQGAN dead-code restarts
+  "latent_noise": 9,  # ALITConfig.latent_noise_std (known-answer channel)
 }
 HPARAM_KEYS = ("lr", "min_lr", "warmup_steps", "total_steps", "ema_decay", "steps_per_epoch")
 
@@ -252,6 +253,9 @@ def stage1_update(
       stream_key(root_key, "grad_iters", step), n, spec.loss_iters
     )
   halt_key = stream_key(root_key, "halting", step) if spec.halting.mode == "sample" else None
+  noise_key = None
+  if model.config.latent_noise_std > 0:
+    noise_key = stream_key(root_key, "latent_noise", step)
 
   def loss_fn(params):
     if run_shapes is not None:
@@ -266,6 +270,7 @@ def stage1_update(
       loss_iters=loss_iters,
       lam=spec.lam,
       impl=spec.impl,
+      noise_rng=noise_key,
     )
 
   (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
