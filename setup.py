@@ -48,6 +48,7 @@ EXTRAS = {
     "pytest",
     "pytest-timeout",
     "pytest-xdist",
+    "safetensors",  # the real reader beside our hand-written one (tests/test_pth_reader.py)
     "torch==2.13.0",
     "scikit-image",
     "scikit-learn",
