@@ -522,7 +522,8 @@ class _Devices:
     return jax.device_put(tree, self.device if self.mesh is None else self.replicated)
 
 
-def _precision(tokenizer):
+def tokenizer_precision(tokenizer):
+  """A context with the tokenizer's `matmul_precision` (a no-op when it has none)."""
   import contextlib
 
   p = getattr(tokenizer, "matmul_precision", None)
@@ -628,7 +629,7 @@ def iterate_rollouts(
   key = jax.random.key(seed)
   for step, batch in enumerate(tqdm(batches, total=len(batches), desc=desc, disable=not progress)):
     rng = jax.random.fold_in(key, step) if halting == "sample" else None
-    with _precision(tokenizer):
+    with tokenizer_precision(tokenizer):
       out = _rollout_step(
         variables,
         # Converted on the host (numpy division, as torchvision's ToTensor): XLA's float32

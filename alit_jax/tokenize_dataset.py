@@ -88,7 +88,7 @@ _TMP_PREFIX = ".tmp-"
 # Test hook: "process=1,shards=2,stage=data" makes process 1 SIGKILL itself while writing its
 # 2nd shard of this run, at "stage": "tmp" (data written under the temporary name), "data" (data
 # renamed, JSON not yet written) or "commit" (default; both done).
-_DIE_ENV = "ALIT_TOKENIZE_TEST_SIGKILL"
+DIE_ENV = "ALIT_TOKENIZE_TEST_SIGKILL"
 
 Log = Callable[[str], None]
 
@@ -380,7 +380,8 @@ def job_identity(
   }
 
 
-def _identity_diff(old: dict, new: dict, prefix: str = "") -> list[str]:
+def identity_diff(old: dict, new: dict, prefix: str = "") -> list[str]:
+  """The differences of two job descriptions ("key: old (in OUT) != new (this run)")."""
   out = []
   for k in sorted(set(old) | set(new)):
     key = f"{prefix}{k}"
@@ -388,7 +389,7 @@ def _identity_diff(old: dict, new: dict, prefix: str = "") -> list[str]:
       continue
     a, b = old.get(k, "<absent>"), new.get(k, "<absent>")
     if isinstance(a, dict) and isinstance(b, dict):
-      out += _identity_diff(a, b, key + ".")
+      out += identity_diff(a, b, key + ".")
     elif a != b:
       out.append(f"{key}: {_short(a)} (in OUT) != {_short(b)} (this run)")
   return out
@@ -411,7 +412,7 @@ def check_or_write_job(out: pathlib.Path, job: dict, *, write: bool) -> None:
       old = json.loads(path.read_text())
     except ValueError as e:
       raise ValueError(f"{path}: unreadable job file ({e}); use a new --out") from e
-    diff = _identity_diff(old, job)
+    diff = identity_diff(old, job)
     if diff:
       raise ValueError(
         f"{out} holds tokens of a different job; refusing to resume into it. Differences:\n  "
@@ -420,7 +421,7 @@ def check_or_write_job(out: pathlib.Path, job: dict, *, write: bool) -> None:
       )
     return
   if write:
-    _atomic_write_text(path, json.dumps(job, indent=2, sort_keys=True))
+    atomic_write_text(path, json.dumps(job, indent=2, sort_keys=True))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -435,7 +436,8 @@ def _fsync_file(path: pathlib.Path) -> None:
     os.close(fd)
 
 
-def _atomic_write_text(path: pathlib.Path, text: str) -> None:
+def atomic_write_text(path: pathlib.Path, text: str) -> None:
+  """Writes `path` through a temporary file, fsync and rename (never half-written)."""
   tmp = path.with_name(f"{_TMP_PREFIX}{path.name}.{os.getpid()}")
   tmp.write_text(text)
   _fsync_file(tmp)
@@ -514,8 +516,8 @@ def shard_done(out: pathlib.Path, shard: int, num_shards: int) -> bool:
 
 
 def _die_point(state: dict) -> Callable[[str], None]:
-  """The SIGKILL test hook (`_DIE_ENV`)."""
-  spec = os.environ.get(_DIE_ENV, "")
+  """The SIGKILL test hook (`DIE_ENV`)."""
+  spec = os.environ.get(DIE_ENV, "")
   if not spec:
     return lambda stage: None
   opts = dict(p.split("=", 1) for p in spec.split(","))
@@ -533,9 +535,10 @@ def _die_point(state: dict) -> Callable[[str], None]:
   return die
 
 
-def _write_shard(
+def write_shard(
   out: pathlib.Path, shard: int, num_shards: int, records: list[bytes], meta: dict, die
 ) -> None:
+  """Commits one shard: records under a temporary name, renamed, then its JSON (`die`: test hook)."""
   from array_record.python.array_record_module import ArrayRecordWriter
 
   d = out / SHARD_DIR
@@ -553,11 +556,11 @@ def _write_shard(
   die("tmp")
   os.replace(tmp, data)
   die("data")
-  _atomic_write_text(info, json.dumps(meta, indent=1, sort_keys=True))
+  atomic_write_text(info, json.dumps(meta, indent=1, sort_keys=True))
   die("commit")
 
 
-def _clean_tmp(out: pathlib.Path, shards, num_shards: int) -> None:
+def clean_tmp(out: pathlib.Path, shards, num_shards: int) -> None:
   """Removes leftovers of killed runs for the shards this process now owns."""
   names = {shard_name(s, num_shards) for s in shards}
   for p in (out / SHARD_DIR).glob(f"{_TMP_PREFIX}tokens-*"):
@@ -816,7 +819,7 @@ def tokenize_dataset(
     s_total = job["num_shards"]
     mine = list(range(process_index, s_total, process_count))
     pending = [s for s in mine if not shard_done(out, s, s_total)]
-    _clean_tmp(out, mine, s_total)
+    clean_tmp(out, mine, s_total)
     devices = tokenizer.mesh.size if tokenizer.mesh is not None else 1
     if shard_size % batch_size and log0:
       log0(
@@ -910,7 +913,7 @@ def tokenize_dataset(
               "total_tokens": tokens_sum,
               "written_by": {"process_index": process_index, "process_count": process_count},
             }
-            _write_shard(out, shard, s_total, records, meta, die)
+            write_shard(out, shard, s_total, records, meta, die)
             progress.shards += 1
             cur, records, bad, hist, tokens_sum = None, [], [], {}, 0
       finally:
@@ -934,7 +937,7 @@ def tokenize_dataset(
     manifest = None
     if complete and (process_index == 0 or not wait_for_others):
       manifest = build_manifest(out)
-      _atomic_write_text(out / MANIFEST_FILE, json.dumps(manifest, indent=1))
+      atomic_write_text(out / MANIFEST_FILE, json.dumps(manifest, indent=1))
       if log0:
         log0(
           f"{tag}complete: {manifest['num_records']} images tokenized, {manifest['num_bad']} bad, "

@@ -100,10 +100,10 @@ def test_normalize_gradient_is_finite():
   Failing means stage-2 training can produce NaN updates when a VGG feature vector is all zero.
   """
   z = jnp.zeros((1, 1, 1, 4))
-  gz = jax.grad(lambda f: lp._normalize_channels(f).sum())(z)
+  gz = jax.grad(lambda f: lp.normalize_channels(f).sum())(z)
   assert np.all(np.isfinite(np.asarray(gz)))
   f = jnp.asarray([[[[3.0, 4.0]]]])
-  np.testing.assert_allclose(lp._normalize_channels(f), [[[[0.6, 0.8]]]], rtol=1e-6)
+  np.testing.assert_allclose(lp.normalize_channels(f), [[[[0.6, 0.8]]]], rtol=1e-6)
 
 
 def test_scaling_constants_checked(lpips_vars):

@@ -249,9 +249,9 @@ def test_each_storage_read_once(tmp_path, monkeypatch):
     torch, {"a": base, "b": base[2:], "c": base.t(), "d": torch.ones(3)}, tmp_path / "r.pth", "zip"
   )
   calls = []
-  real = pth._read_exact
+  real = pth.read_exact
   monkeypatch.setattr(
-    pth, "_read_exact", lambda f, o, n, name, what: calls.append(what) or real(f, o, n, name, what)
+    pth, "read_exact", lambda f, o, n, name, what: calls.append(what) or real(f, o, n, name, what)
   )
   out = read_checkpoint(path)
   assert len(calls) == 2, calls
@@ -499,7 +499,7 @@ def test_build_cannot_rewire_allowlisted_objects(tmp_path):
   Fails if a crafted pickle can set attributes on the reader's own functions or classes
   (e.g. swap the implementation behind torch._utils._rebuild_tensor_v2 for later loads).
   """
-  target = pth._ALLOWED_GLOBALS[("torch._utils", "_rebuild_tensor_v2")]
+  target = pth.ALLOWED_GLOBALS[("torch._utils", "_rebuild_tensor_v2")]
   fn_before = target._fn
   attacks = [
     # GLOBAL rebuild_tensor_v2; (None, {'_fn': 1}) ; BUILD
@@ -515,7 +515,7 @@ def test_build_cannot_rewire_allowlisted_objects(tmp_path):
       read_checkpoint(tmp_path / f"b{i}.pkl")
   assert target._fn is fn_before
   assert "__setstate__" in vars(pth.PickledNamespace)
-  assert pth._ALLOWED_GLOBALS[("torch", "float32")].np_dtype == np.float32
+  assert pth.ALLOWED_GLOBALS[("torch", "float32")].np_dtype == np.float32
   (tmp_path / "ok.pkl").write_bytes(pickle.dumps(argparse.Namespace(a=1), protocol=2))
   assert read_checkpoint(tmp_path / "ok.pkl") == {"a": 1}
 

@@ -250,7 +250,7 @@ def test_self_sigkill_mid_commit_then_rerun_is_identical(env):
   uninterrupted run.
   """
   out = env["root"] / "killed_hook"
-  procs = _spawn(env, out, extra_env={td._DIE_ENV: "process=1,shards=1,stage=data"})
+  procs = _spawn(env, out, extra_env={td.DIE_ENV: "process=1,shards=1,stage=data"})
   procs[1][0].wait(timeout=240)
   assert procs[1][0].returncode == -signal.SIGKILL
   procs[0][0].send_signal(signal.SIGKILL)

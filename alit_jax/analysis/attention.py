@@ -56,7 +56,7 @@ def decoder_attention(tokenizer, image: Any, *, layer: int | str | None = None) 
      valid at iteration i), "assignment": (N, g, g) int, "num_tokens": [T(i+1)], "layer":
      the layer used}.
   """
-  from alit_jax.evaluate import _precision
+  from alit_jax.evaluate import tokenizer_precision
 
   c = tokenizer.config.alit
   trace = tokenizer.rollout(image, reconstruct=False)
@@ -64,7 +64,7 @@ def decoder_attention(tokenizer, image: Any, *, layer: int | str | None = None) 
   n, length = dec_in.shape[:2]
   counts = tokenizer.tokens_per_iteration * (np.arange(n) + 1)
   valid = jnp.asarray(np.arange(length)[None, :] < counts[:, None])
-  with _precision(tokenizer):
+  with tokenizer_precision(tokenizer):
     w = np.asarray(
       _decoder_weights(tokenizer.variables["alit"], dec_in, valid, model=tokenizer.model)
     )

@@ -385,7 +385,8 @@ def _build_allowlist() -> dict[tuple[str, str], Any]:
   return allowed
 
 
-_ALLOWED_GLOBALS = _build_allowlist()
+# (module, name) -> what the restricted unpickler may build for that global.
+ALLOWED_GLOBALS = _build_allowlist()
 
 
 class _RestrictedUnpickler(pickle.Unpickler):
@@ -397,7 +398,7 @@ class _RestrictedUnpickler(pickle.Unpickler):
     self._persistent_load = persistent_load
 
   def find_class(self, module, name):
-    obj = _ALLOWED_GLOBALS.get((module, name))
+    obj = ALLOWED_GLOBALS.get((module, name))
     if obj is None:
       hint = ""
       if module.split(".")[0] in ("torch", "__torch__"):
@@ -557,7 +558,8 @@ def _is_contiguous(size: tuple[int, ...], stride: tuple[int, ...]) -> bool:
   return True
 
 
-def _read_exact(f, offset: int, nbytes: int, name: str, what: str) -> np.ndarray:
+def read_exact(f, offset: int, nbytes: int, name: str, what: str) -> np.ndarray:
+  """`nbytes` bytes of open file `f` from `offset`; CheckpointReadError (naming `what`) if short."""
   buf = np.empty(nbytes, np.uint8)
   f.seek(offset)
   got = 0
@@ -646,7 +648,7 @@ def _read_zip_member(f, zf: zipfile.ZipFile, info: zipfile.ZipInfo, name: str) -
     start = info.header_offset + 30 + name_len + extra_len
     if start + info.file_size > os.fstat(f.fileno()).st_size:  # before allocating the buffer
       raise CheckpointReadError(f"{name}: {what} runs past the end of the file")
-    return _read_exact(f, start, info.file_size, name, what)
+    return read_exact(f, start, info.file_size, name, what)
   buf = np.empty(info.file_size, np.uint8)
   got = 0
   with zf.open(info) as member, memoryview(buf) as view:
@@ -732,7 +734,7 @@ def _read_legacy_or_pickle(f, size: int, name: str):
   if missing:
     raise CheckpointReadError(f"{name}: storages {missing} are referenced but not stored")
   for key, (offset, nbytes) in locations.items():
-    buf = _read_exact(f, offset, nbytes, name, f"storage {key!r}")
+    buf = read_exact(f, offset, nbytes, name, f"storage {key!r}")
     _materialize_storage(table, key, buf, big_endian=False)
     del buf
   return _resolve(obj, {}, name)
@@ -796,7 +798,7 @@ def _read_safetensors(f, size: int, name: str) -> dict[str, np.ndarray]:
       raise CheckpointReadError(
         f"{name}: safetensors entry {key!r} has {end - begin} bytes, {nbytes} expected"
       )
-    buf = _read_exact(f, data_start + begin, nbytes, name, f"tensor {key!r}")
+    buf = read_exact(f, data_start + begin, nbytes, name, f"tensor {key!r}")
     out[key] = buf.view(dt).reshape(shape)
   return out
 

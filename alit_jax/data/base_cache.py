@@ -245,17 +245,17 @@ def cache_identity(
 
 def _check_or_write_job(out: pathlib.Path, job: dict) -> None:
   """Refuses an OUT made by a different job (listing the differences); writes job.json."""
-  from alit_jax.tokenize_dataset import _atomic_write_text, _identity_diff
+  from alit_jax.tokenize_dataset import atomic_write_text, identity_diff
 
   path = out / JOB_FILE
   if not path.is_file():
-    _atomic_write_text(path, json.dumps(job, indent=2, sort_keys=True))
+    atomic_write_text(path, json.dumps(job, indent=2, sort_keys=True))
     return
   try:
     old = json.loads(path.read_text())
   except ValueError as e:
     raise ValueError(f"{path}: unreadable job file ({e}); use a new --out") from e
-  diff = _identity_diff(old, job)
+  diff = identity_diff(old, job)
   if diff:
     raise ValueError(
       f"{out} holds the base cache of a different job; refusing to resume into it. "
@@ -514,11 +514,11 @@ def build_cache(
 
   from alit_jax.models import rollout as rollout_lib
   from alit_jax.tokenize_dataset import (
-    _atomic_write_text,
-    _clean_tmp,
-    _write_shard,
+    atomic_write_text,
+    clean_tmp,
     params_sha256,
     shard_done,
+    write_shard,
   )
   from alit_jax.train import steps
 
@@ -558,7 +558,7 @@ def build_cache(
   s_total = job["num_shards"]
   mine = list(range(process_index, s_total, process_count))
   pending = [s for s in mine if not shard_done(out, s, s_total)]
-  _clean_tmp(out, mine, s_total)
+  clean_tmp(out, mine, s_total)
   if log:
     log(
       f"base_cache: {n} of {n_source} images x {views} views in {s_total} shards of "
@@ -657,7 +657,7 @@ def build_cache(
             "written_by": {"process_index": process_index, "process_count": process_count},
           }
           try:
-            _write_shard(out, shard, s_total, records, meta, lambda stage: None)
+            write_shard(out, shard, s_total, records, meta, lambda stage: None)
           except OSError as e:
             raise OSError(f"{out / SHARD_DIR}: cannot write shard {shard}: {e}") from e
           progress.shards += 1
@@ -673,7 +673,7 @@ def build_cache(
   manifest = None
   if complete:
     manifest = build_manifest(out)
-    _atomic_write_text(out / MANIFEST_FILE, json.dumps(manifest, indent=1))
+    atomic_write_text(out / MANIFEST_FILE, json.dumps(manifest, indent=1))
     if log:
       log(
         f"base_cache: complete: {manifest['num_images']} images ({manifest['num_records']} "
@@ -701,29 +701,13 @@ def resolve_base(config) -> tuple[Any, Any, Any, str]:
   Returns:
     (model config adapted to the base, base config, base variables, where it came from).
   """
-  from alit_jax import checkpoint
-  from alit_jax.train import trainer
+  from alit_jax.train import common
 
-  model_config = trainer.build_model_config(config.model)
+  model_config = common.build_model_config(config.model)
+  base_cfg, base_vars, where = common.load_config_base(config, model_config)
   if config.base_checkpoint:
-    path = pathlib.Path(os.path.expanduser(config.base_checkpoint))
-    if not (path / checkpoint.CONFIG_FILE).is_file():
-      raise FileNotFoundError(
-        f"{path}: not a converted base tokenizer directory.\n{trainer.BASE_HELP}"
-      )
-    base_cfg, base_vars = checkpoint.load_base(path)
-    where = str(path.absolute())
-  elif config.random_base:
-    import jax
-
-    base_cfg = model_config.base
-    base_vars = jax.device_get(
-      trainer._init_random_base(base_cfg, model_config.alit.image_size, np.uint32(config.seed))
-    )
-    where = "(random)"
-  else:
-    raise ValueError(f"no base tokenizer given.\n{trainer.BASE_HELP}")
-  model_config = trainer.adapt_to_base(model_config, base_cfg, where)
+    where = str(pathlib.Path(where).absolute())
+  model_config = common.adapt_to_base(model_config, base_cfg, where)
   return model_config, base_cfg, base_vars, where
 
 
@@ -956,8 +940,8 @@ def make_train_iterator(
   ]
   if bad:
     raise ValueError(f"{cache!r} was built with other augmentation settings: {', '.join(bad)}")
-  process_index, process_count = pipeline._process_layout(process_index, process_count)
-  local_bs = pipeline._local_batch_size(global_batch_size, process_count)
+  process_index, process_count = pipeline.process_layout(process_index, process_count)
+  local_bs = pipeline.per_process_batch_size(global_batch_size, process_count)
   if len(cache) < process_count:
     raise ValueError(f"{cache!r} has fewer images than the {process_count} processes")
   ds = grain.MapDataset.range(len(cache)).seed(seed)

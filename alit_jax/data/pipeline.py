@@ -38,7 +38,8 @@ import numpy as np
 from alit_jax.data import transforms as T
 
 
-def _process_layout(process_index: int | None, process_count: int | None) -> tuple[int, int]:
+def process_layout(process_index: int | None, process_count: int | None) -> tuple[int, int]:
+  """(process index, process count), each defaulting to jax's; ValueError if out of range."""
   if process_index is None or process_count is None:
     import jax
 
@@ -49,7 +50,8 @@ def _process_layout(process_index: int | None, process_count: int | None) -> tup
   return int(process_index), int(process_count)
 
 
-def _local_batch_size(global_batch_size: int, process_count: int) -> int:
+def per_process_batch_size(global_batch_size: int, process_count: int) -> int:
+  """Each process's share of the global batch; ValueError unless it divides evenly."""
   if global_batch_size <= 0 or global_batch_size % process_count:
     raise ValueError(
       f"global batch size {global_batch_size} must be a positive multiple of the process count "
@@ -95,8 +97,8 @@ def make_train_dataset(
   interpolation: str = "bilinear",
 ) -> grain.IterDataset:
   """The training `grain.IterDataset` (see `make_train_iterator` for the arguments)."""
-  process_index, process_count = _process_layout(process_index, process_count)
-  local_bs = _local_batch_size(global_batch_size, process_count)
+  process_index, process_count = process_layout(process_index, process_count)
+  local_bs = per_process_batch_size(global_batch_size, process_count)
   if len(source) < process_count:
     raise ValueError(f"source has {len(source)} records, fewer than {process_count} processes")
   ds = grain.MapDataset.source(IndexedSource(source)).seed(seed)
@@ -304,8 +306,8 @@ def make_eval_iterator(
     "index": (B,) int64, "mask": (B,) bool}. Sum of mask over all processes and batches = number
     of decodable examples; corrupt examples appear once with mask False and their index.
   """
-  process_index, process_count = _process_layout(process_index, process_count)
-  local_bs = _local_batch_size(batch_size, process_count)
+  process_index, process_count = process_layout(process_index, process_count)
+  local_bs = per_process_batch_size(batch_size, process_count)
   indices = eval_shard_indices(len(source), local_bs, process_index, process_count)
   ds = (
     grain.MapDataset.source(EvalShardSource(source, indices))

@@ -118,7 +118,7 @@ class NetLinLayer(nn.Module):
     return nn.Conv(1, (1, 1), use_bias=False, dtype=self.dtype, name="model_1")(x)
 
 
-def _normalize_channels(x: jax.Array, eps: float = 1e-10) -> jax.Array:
+def normalize_channels(x: jax.Array, eps: float = 1e-10) -> jax.Array:
   """x / (||x||_channels + eps), float32.
 
   The squared norm is floored at 1e-30 before the sqrt so that an all-zero feature vector has a
@@ -173,7 +173,7 @@ class LPIPS(nn.Module):
     feats = VGG16Features(dtype=self.dtype, name="net")(x)
     total = jnp.zeros((b,), jnp.float32)
     for k, f in enumerate(feats):
-      f = _normalize_channels(f)
+      f = normalize_channels(f)
       diff = jnp.square(f[:b] - f[b:])
       head = NetLinLayer(use_dropout=self.use_dropout, dtype=self.dtype, name=f"lin{k}")
       total = total + jnp.mean(
