@@ -13,6 +13,7 @@ import pytest
 
 from alit_jax.models import configs as model_configs
 from alit_jax.models.alit import ALIT
+from alit_jax.train import common as train_common
 from alit_jax.train import optim, steps, trainer
 from configs import alit_pretrain, common
 
@@ -32,7 +33,7 @@ def test_every_config_builds_its_model_and_step_settings(arg):
   the latent flags are ignored, or the halting threshold does not follow the base tokenizer.
   """
   c = alit_pretrain.get_config(arg)
-  mc = trainer.build_model_config(c.model)
+  mc = train_common.build_model_config(c.model)
   spec = trainer.stage1_spec(c, mc)
   a = mc.alit
   if "runlocal" in arg:
@@ -91,7 +92,7 @@ def test_sampled_loss_iterations_need_the_scan_rollout():
   """
   c = alit_pretrain.get_config("variant=tiny")
   c.loss.loss_iters = 2
-  mc = trainer.build_model_config(c.model)
+  mc = train_common.build_model_config(c.model)
   with pytest.raises(ValueError, match="rollout_impl='scan'"):
     trainer.stage1_spec(c, mc)
   c.rollout_impl = "scan"

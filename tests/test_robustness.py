@@ -248,8 +248,8 @@ def test_nan_run_exits_1_with_one_line_and_keeps_the_last_good_checkpoint(tmp_pa
 def test_non_finite_message_wording_with_and_without_a_checkpoint():
   """The stop message is one line and says the right thing in both cases."""
   m = {"loss": np.float32(np.nan), "grad_norm": np.float32(np.inf)}
-  none = trainer._non_finite_message(3, m, None, "/w/checkpoints")
-  some = trainer._non_finite_message(9, m, 8, "/w/checkpoints")
+  none = trainer.non_finite_message(3, m, None, "/w/checkpoints")
+  some = trainer.non_finite_message(9, m, 8, "/w/checkpoints")
   assert "\n" not in none and "\n" not in some
   assert "no checkpoint was written" in none and "starts from step 0" in none
   assert "resume" not in none and "intact" not in none
@@ -275,11 +275,11 @@ def test_dead_config_override_is_refused(tmp_path):
 
   c = alit_pretrain.get_config("runlocal")
   c.lock()
-  cli._set_none(c, "lr")
+  cli.set_none(c, "lr")
   assert c.lr is None and cli.dead_overrides(c, ["blr", "lr"]) == []
   c.loss.halting = "off"
   assert "halting_threshold" in cli.dead_overrides(c, ["loss.halting_threshold"])[0]
-  assert cli._NONE_OVERRIDE.match("--config.lr=None").group(1) == "lr"
+  assert cli.NONE_OVERRIDE.match("--config.lr=None").group(1) == "lr"
 
 
 def test_export_overwrite_refuses_the_workdir_and_foreign_dirs(full, tmp_path, capsys):

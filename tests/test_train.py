@@ -29,7 +29,7 @@ from alit_jax.data import transforms as T
 from alit_jax.models import configs as model_configs
 from alit_jax.models.alit import ALIT
 from alit_jax.models.base_tokenizers import build_base
-from alit_jax.train import checkpoints, export, sharding, steps, trainer
+from alit_jax.train import checkpoints, common, export, sharding, steps, trainer
 from configs import alit_pretrain
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -244,10 +244,10 @@ def test_sharded_step_matches_single_device():
     steps.create_train_state,
     static_argnums=(1, 2),
     out_shardings=sharding.tree_shardings(abstract, mesh8, rules, MIN_FSDP),
-    compiler_options=trainer.FAST_COMPILE,
+    compiler_options=common.FAST_COMPILE,
   )
   state0 = jax.device_get(init(jax.random.key(1), model, spec))
-  base_vars = jax.device_get(trainer._init_random_base(mc.base, 64, np.uint32(2)))
+  base_vars = jax.device_get(common.init_random_base(mc.base, 64, np.uint32(2)))
   rng = np.random.default_rng(0)
   batches = [rng.integers(0, 256, (8, 64, 64, 3), dtype=np.uint8) for _ in range(2)]
   hp_host = dict(
@@ -453,7 +453,7 @@ def test_curriculum_rollout_iters_trains_only_the_first_iterations():
   mc = model_configs.tiny_config()  # 3 iterations
   model, base = ALIT(mc.alit), build_base(mc.base)
   n, k = mc.alit.max_rollout_iters, 2
-  base_vars = trainer._init_random_base(mc.base, 64, np.uint32(2))
+  base_vars = common.init_random_base(mc.base, 64, np.uint32(2))
   images = np.random.default_rng(0).integers(0, 256, (2, 64, 64, 3), dtype=np.uint8)
   hp = steps.hparams(
     lr=1e-3, min_lr=0.0, warmup_steps=0, total_steps=10, ema_decay=0.9, steps_per_epoch=5
@@ -489,7 +489,7 @@ def test_metric_window_counts_boolean_iteration_masks():
   Fails if per-iteration means over a logging window turn into sums (the curriculum's first
   runs logged NLL 271 for a mean of 5.4 this way).
   """
-  w = trainer._Window()
+  w = trainer.MetricsWindow()
   for v in (4.0, 6.0):
     w.add_step([{"nll_loss": np.array([v, 0.0]), "loss_iters": np.array([True, False])}])
   out = w.summary(1.0, 1)

@@ -27,7 +27,16 @@ from alit_jax.models import configs as model_configs
 from alit_jax.models import rollout as rollout_lib
 from alit_jax.models.alit import ALIT
 from alit_jax.models.base_tokenizers import VQGAN, build_base, decoder_conv_out
-from alit_jax.train import checkpoints, export, gan_stage, gan_steps, sharding, steps, trainer
+from alit_jax.train import (
+  checkpoints,
+  common,
+  export,
+  gan_stage,
+  gan_steps,
+  sharding,
+  steps,
+  trainer,
+)
 from configs import alit_finetune, alit_pretrain, vqgan_train
 
 MESH = {"data": 4, "fsdp": 2}
@@ -159,7 +168,7 @@ def _random_lpips(seed=0):
   return jax.tree_util.tree_map_with_path(make, lpips_lib.lpips_target())
 
 
-FAST = trainer.STEP_FAST_COMPILE
+FAST = common.STEP_FAST_COMPILE
 HP = dict(lr=1e-3, min_lr=0.0, warmup_steps=0, total_steps=10, ema_decay=0.9, steps_per_epoch=5)
 
 
@@ -417,7 +426,7 @@ def test_finetune_runlocal_logs_generator_and_discriminator_losses(ft_run, tmp_p
     assert gen_counts[i] == sum(k == "gen" and it == i for k, it in ref)
   assert int(state["opt_state"][0][1][0].count) == 4  # generator updates
   mc = model_configs.tiny_config()
-  base0 = jax.device_get(trainer._init_random_base(mc.base, 64, np.uint32(0)))["params"]
+  base0 = jax.device_get(common.init_random_base(mc.base, 64, np.uint32(0)))["params"]
   final = jax.device_get(state["params"]["base"])
   np.testing.assert_array_equal(
     final["quantize"]["embedding"]["embedding"], base0["quantize"]["embedding"]["embedding"]
@@ -633,8 +642,8 @@ def test_configs_build_specs_and_reference_schedule():
   """
   for arg in ("", "variant=tiny,base=vae", "variant=base,quantized=False", "runlocal"):
     c = alit_finetune.get_config(arg)
-    mc = trainer.build_model_config(c.model)
-    spec = gan_stage._spec_from_config(c, lpips_on=False)
+    mc = common.build_model_config(c.model)
+    spec = gan_stage.spec_from_config(c, lpips_on=False)
     assert spec.disc_optimizer == gan_steps.optim.OptimizerSpec(weight_decay=0.01)
     assert spec.optimizer == gan_steps.optim.OptimizerSpec() and spec.perceptual_weight == 0.0
     sched = gan_stage.gan_schedule(c, 100, mc.alit.max_rollout_iters)
@@ -712,17 +721,17 @@ def test_dead_code_restart_moves_only_unused_codes():
   x = jnp.asarray(np.random.default_rng(0).random((2, 64, 64, 3)), jnp.float32)
   z = task.base.apply({"params": params["base"]}, x, method=lambda m, v: m.encoder(v))
   z = np.asarray(z).reshape(-1, z.shape[-1])
-  cb = np.asarray(gan_steps._get(params, gan_steps.CODEBOOK)).copy()
+  cb = np.asarray(gan_steps.tree_get(params, gan_steps.CODEBOOK)).copy()
   cb[0] = z.mean(0)  # the only live code: every other one is far from all features
   cb[1:] = 1e3 + np.arange(1, cb.shape[0])[:, None]
-  params = gan_steps._set(params, gan_steps.CODEBOOK, jnp.asarray(cb))
+  params = gan_steps.tree_set(params, gan_steps.CODEBOOK, jnp.asarray(cb))
   state = {"params": params, "ema_params": params}
   root = jax.random.key(1)
   off = task.restart_dead_codes(state, x, root, jnp.int32(0))
-  np.testing.assert_array_equal(gan_steps._get(off["params"], gan_steps.CODEBOOK), cb)
+  np.testing.assert_array_equal(gan_steps.tree_get(off["params"], gan_steps.CODEBOOK), cb)
   on = task.restart_dead_codes(state, x, root, jnp.int32(2))
   for name in ("params", "ema_params"):
-    new = np.asarray(gan_steps._get(on[name], gan_steps.CODEBOOK))
+    new = np.asarray(gan_steps.tree_get(on[name], gan_steps.CODEBOOK))
     np.testing.assert_array_equal(new[0], cb[0])
     dist = ((new[1:, None, :] - z[None]) ** 2).sum(-1).min(1)
     np.testing.assert_allclose(dist, 0.0, atol=1e-8)

@@ -41,7 +41,7 @@ _DISTRIBUTED = flags.DEFINE_bool(
 flags.mark_flags_as_required(["config", "workdir"])
 
 # `--config.KEY=None` items, taken out of argv before absl parses it (a typed flag cannot be None).
-_NONE_OVERRIDE = re.compile(r"^--config\.([A-Za-z0-9_.]+)=(?i:none)$")
+NONE_OVERRIDE = re.compile(r"^--config\.([A-Za-z0-9_.]+)=(?i:none)$")
 _unset: list[str] = []
 
 
@@ -49,7 +49,7 @@ def _parse_flags(argv: list[str]) -> list[str]:
   """absl's parsing, after removing the `--config.KEY=None` items (applied in `main`)."""
   rest = []
   for arg in argv:
-    m = _NONE_OVERRIDE.match(arg)
+    m = NONE_OVERRIDE.match(arg)
     if m:
       _unset.append(m.group(1))
     else:
@@ -62,7 +62,8 @@ def _parse_flags(argv: list[str]) -> list[str]:
     sys.exit(1)
 
 
-def _set_none(config, key: str) -> None:
+def set_none(config, key: str) -> None:
+  """Sets dotted `key` of `config` to None (`--config.KEY=None`); UsageError if it is absent."""
   *parents, leaf = key.split(".")
   node = config
   for p in parents:
@@ -115,7 +116,7 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   config = _CONFIG.value
   for key in _unset:
-    _set_none(config, key)
+    set_none(config, key)
   dead = dead_overrides(config, given_overrides())
   if dead:
     print("error: " + "; ".join(dead), file=sys.stderr)

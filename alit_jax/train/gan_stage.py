@@ -40,10 +40,9 @@ from alit_jax import checkpoint
 from alit_jax.losses import lpips as lpips_lib
 from alit_jax.losses.discriminator import NLayerDiscriminator
 from alit_jax.models import configs as model_configs
-from alit_jax.models import rollout as rollout_lib
 from alit_jax.models.alit import ALIT
 from alit_jax.models.base_tokenizers import VQGAN, build_base
-from alit_jax.train import checkpoints, gan_steps, optim, sharding, steps, trainer
+from alit_jax.train import checkpoints, common, gan_steps, optim, sharding, steps
 
 LPIPS_DIR = "lpips"
 FINETUNE = "full_finetuning"
@@ -78,7 +77,8 @@ def vqgan_model_config(model: ml_collections.ConfigDict) -> model_configs.VQGANC
   )
 
 
-def _spec_from_config(config: ml_collections.ConfigDict, lpips_on: bool) -> gan_steps.GanSpec:
+def spec_from_config(config: ml_collections.ConfigDict, lpips_on: bool) -> gan_steps.GanSpec:
+  """The static `gan_steps.GanSpec` of the config (an LPIPS term only when `lpips_on`)."""
   g = config.gan
   dtype = jnp.dtype(config.compute_dtype)
   return gan_steps.GanSpec(
@@ -158,10 +158,10 @@ class GanStage:
       self.image_size = base_cfg.resolution
       self.name = f"vqgan (ch {base_cfg.ch}, ch_mult {base_cfg.ch_mult}, {base_cfg.n_embed} codes)"
     else:
-      model_config = trainer.build_model_config(config.model)
+      model_config = common.build_model_config(config.model)
       if resuming:
         saved, _ = checkpoints.read_model_config(self.workdir)
-        wanted = trainer.adapt_to_base(model_config, saved.base, str(self.workdir))
+        wanted = common.adapt_to_base(model_config, saved.base, str(self.workdir))
         if wanted.alit != saved.alit:
           raise ValueError(
             f"{self.workdir} holds a different model than config.model; use a new workdir: "
@@ -170,7 +170,7 @@ class GanStage:
         model_config = saved
       else:
         model_config = self._load_init_sources(model_config)
-      trainer._write_model_config(
+      common.write_model_config(
         self.workdir,
         model_config,
         {"stage": FINETUNE, "init_from": str(config.init_from or "")},
@@ -178,22 +178,17 @@ class GanStage:
       self.model_config = model_config
       self.base_config = model_config.base
       a = model_config.alit
-      threshold = config.loss.halting_threshold
-      if threshold is None:
-        threshold = a.halting_threshold
       self.task = gan_steps.ALITTask(
         ALIT(a, dtype=dtype),
         build_base(model_config.base, dtype=dtype),
-        halting=rollout_lib.Halting(
-          config.loss.halting, float(threshold), bool(config.loss.vae_masking)
-        ),
+        halting=common.halting_from_config(config, a),
         vae_posterior=str(config.loss.vae_posterior),
       )
       self.image_size = a.image_size
       self.name = model_config.name
     self.num_iters = self.task.num_iters
     self.lpips_vars = self._setup_lpips()
-    self.spec = _spec_from_config(config, self.lpips_vars is not None)
+    self.spec = spec_from_config(config, self.lpips_vars is not None)
 
   def _write_base_description(self, base_cfg: model_configs.VQGANConfig) -> None:
     path = self.workdir / checkpoints.MODEL_CONFIG
@@ -207,7 +202,7 @@ class GanStage:
           f"workdir: {json.dumps(old, sort_keys=True)}\nconfig:  {json.dumps(new, sort_keys=True)}"
         )
       return
-    if trainer._is_main():
+    if common.is_main():
       body["meta"] = {"stage": VQGAN_STAGE}
       checkpoints.write_json_atomic(path, body)
 
@@ -224,7 +219,7 @@ class GanStage:
       elif config.random_base:
         base_cfg = model_config.base
         base_vars = jax.device_get(
-          trainer._init_random_base(base_cfg, model_config.alit.image_size, np.uint32(config.seed))
+          common.init_random_base(base_cfg, model_config.alit.image_size, np.uint32(config.seed))
         )
         where = "(random)"
         logging.warning("Stage 2 from a RANDOM base tokenizer and a fresh ALIT (checks only).")
@@ -233,7 +228,7 @@ class GanStage:
           "stage 2 needs config.init_from (a stage-1 workdir, or a pretrained / converted "
           "full_finetuning directory), or config.base_checkpoint to start a fresh ALIT"
         )
-      model_config = trainer.adapt_to_base(model_config, base_cfg, where)
+      model_config = common.adapt_to_base(model_config, base_cfg, where)
       self.init = {"base": base_vars["params"], "where": where}
       return model_config
 
@@ -284,7 +279,7 @@ class GanStage:
       raise FileNotFoundError(
         f"init_from {p}: neither a training workdir nor a pretrained directory (config.json)"
       )
-    model_config = trainer.adapt_to_base(model_config, src_config.base, str(p))
+    model_config = common.adapt_to_base(model_config, src_config.base, str(p))
     if src_config.alit != model_config.alit:
       raise ValueError(
         f"init_from {p}: its ALIT differs from config.model's ({config.model.name}): "
@@ -342,7 +337,7 @@ class GanStage:
     config = self.config
     lp = config.lpips
     copy = self.workdir / LPIPS_DIR
-    trainer._barrier("alit_lpips_exists")
+    common.barrier("alit_lpips_exists")
     have_copy = copy.is_dir()
     if float(lp.weight) <= 0:
       logging.info("Perceptual (LPIPS) term off: config.lpips.weight = %s.", lp.weight)
@@ -369,12 +364,12 @@ class GanStage:
     logging.info("LPIPS (frozen) from %s, weight %s", where, lp.weight)
     with ocp.StandardCheckpointer() as ckptr:
       ckptr.save(copy.absolute(), jax.device_get(variables), force=True)
-    trainer._barrier("alit_lpips_written")
+    common.barrier("alit_lpips_written")
     return variables
 
   # ---- state, steps ----
 
-  def build(self, ctx: trainer.Context) -> None:
+  def build(self, ctx: common.Context) -> None:
     self.ctx = ctx
     task, spec = self.task, self.spec
     create = functools.partial(
@@ -385,7 +380,7 @@ class GanStage:
       sharding.tree_shardings, mesh=ctx.mesh, rules=ctx.rules, min_size=ctx.min_fsdp_size
     )
     self.state_sh = sh(abstract)
-    self.abstract_state = trainer._with_shardings(abstract, self.state_sh)
+    self.abstract_state = common.with_shardings(abstract, self.state_sh)
     frozen = {} if self.lpips_vars is None else {"lpips": self.lpips_vars}
     frozen_sh = sh(frozen)
     self.frozen = sharding.put_global(frozen, frozen_sh)
@@ -399,7 +394,7 @@ class GanStage:
       in_shardings=ins,
       out_shardings=(self.state_sh, repl),
       donate_argnums=(0,),
-      compiler_options=trainer.step_compiler_options(self.config),
+      compiler_options=common.step_compiler_options(self.config),
     )
     self.p_disc = jax.jit(
       gan_steps.discriminator_step,
@@ -407,7 +402,7 @@ class GanStage:
       in_shardings=ins,
       out_shardings=(self.state_sh, repl),
       donate_argnums=(0,),
-      compiler_options=trainer.step_compiler_options(self.config),
+      compiler_options=common.step_compiler_options(self.config),
     )
     self.which = "ema_params" if self.config.summary_params == "ema" else "params"
     self.p_reconstruct = jax.jit(
@@ -415,7 +410,7 @@ class GanStage:
       static_argnums=(4, 5),
       in_shardings=(self.state_sh[self.which], batch_sh, repl, repl),
       out_shardings=repl,
-      compiler_options=trainer.step_compiler_options(self.config),
+      compiler_options=common.step_compiler_options(self.config),
     )
     self.schedule = gan_schedule(self.config, ctx.steps_per_epoch, self.num_iters)
     logging.info(
@@ -438,7 +433,7 @@ class GanStage:
         host["alit"] = self.init["alit"]
       else:  # a fresh ALIT on a given base, initialised as stage 1's
         fresh = jax.jit(
-          steps.init_params, static_argnums=(0,), compiler_options=trainer.FAST_COMPILE
+          steps.init_params, static_argnums=(0,), compiler_options=common.FAST_COMPILE
         )(self.task.model, steps.stream_key(self.ctx.root, "params"))
         host["alit"] = jax.device_get(fresh)
       self._check_shapes(host, target, "params")
@@ -458,20 +453,16 @@ class GanStage:
       gan_steps.init_state,
       static_argnums=(3, 4, 5),
       out_shardings=self.state_sh,
-      compiler_options=trainer.FAST_COMPILE,
+      compiler_options=common.FAST_COMPILE,
     )(self.ctx.root, params, discs, self.task, self.spec, self.image_size)
     self.init = {}  # host copies no longer needed
     return state
 
   def _check_shapes(self, tree: Any, target: Any, what: str) -> None:
     where = self.init.get("where", "init")
-    if jax.tree_util.tree_structure(tree) != jax.tree_util.tree_structure(target):
+    bad = common.shape_mismatches(tree, target)
+    if bad is None:
       raise ValueError(f"{where}: {what} tree differs from the model's")
-    bad = [
-      f"{sharding.path_name(k)}: {np.shape(a)} vs {b.shape}"
-      for (k, a), b in zip(jax.tree_util.tree_leaves_with_path(tree), jax.tree.leaves(target))
-      if tuple(np.shape(a)) != tuple(b.shape)
-    ]
     if bad:
       raise ValueError(f"{where}: {what} shapes differ from the model's: {bad}")
 
@@ -525,4 +516,4 @@ class GanStage:
     out = self.p_reconstruct(
       state[self.which], images, self.ctx.seed, state["step"], self.task, self.ctx.num_summary
     )
-    trainer._write_reconstructions(writer, step, out, self.config.summary_params)
+    common.write_reconstructions(writer, step, out, self.config.summary_params)

@@ -76,18 +76,19 @@ CODEBOOK = ("base", "quantize", "embedding", "embedding")
 DISC_LOSSES = {"hinge": gan_lib.hinge_d_loss, "vanilla": gan_lib.vanilla_d_loss}
 
 
-def _get(tree: Any, path: tuple[str, ...]) -> Any:
+def tree_get(tree: Any, path: tuple[str, ...]) -> Any:
+  """The entry of nested dict `tree` at `path`."""
   for p in path:
     tree = tree[p]
   return tree
 
 
-def _set(tree: dict, path: tuple[str, ...], value: Any) -> dict:
+def tree_set(tree: dict, path: tuple[str, ...], value: Any) -> dict:
   """A copy of nested dict `tree` with `path` replaced (the rest shared)."""
   if not path:
     return value
   out = dict(tree)
-  out[path[0]] = _set(tree[path[0]], path[1:], value)
+  out[path[0]] = tree_set(tree[path[0]], path[1:], value)
   return out
 
 
@@ -309,8 +310,10 @@ class VQGANTask:
       pick = jax.random.randint(stream_key(root, "codes", step), dead.shape, 0, z.shape[0])
       out = dict(st)
       for name in ("params", "ema_params"):
-        cb = _get(st[name], CODEBOOK)
-        out[name] = _set(st[name], CODEBOOK, jnp.where(dead[:, None], z[pick].astype(cb.dtype), cb))
+        cb = tree_get(st[name], CODEBOOK)
+        out[name] = tree_set(
+          st[name], CODEBOOK, jnp.where(dead[:, None], z[pick].astype(cb.dtype), cb)
+        )
       return out
 
     due = (step + 1) % self.restart_dead_codes_every == 0
@@ -473,13 +476,6 @@ def _per_iter(n: int, i: jax.Array, **values: jax.Array) -> dict[str, jax.Array]
   return {k: onehot * jnp.asarray(v, jnp.float32) for k, v in values.items()}
 
 
-def _ema(state: dict, new_params: Any, hp: dict, spec: GanSpec) -> Any:
-  step = state["step"]
-  spe = jnp.maximum(hp["steps_per_epoch"].astype(jnp.int32), 1)
-  reset = jnp.logical_and(spec.ema_reset_every_epoch, step % spe == 0)
-  return optim.ema_update(state["ema_params"], state["params"], new_params, hp["ema_decay"], reset)
-
-
 def generator_step(
   state: dict[str, Any],
   frozen: dict[str, Any],
@@ -529,7 +525,7 @@ def generator_step(
     return (h, aux), m
 
   (h, aux), feat_vjp, task_metrics = jax.vjp(feat_fn, params, has_aux=True)
-  last = _get(params, LAST_LAYER)
+  last = tree_get(params, LAST_LAYER)
   recon, head_vjp = jax.vjp(lambda h_, w_: decoder_conv_out(w_, h_, task.dtype), h, last)
 
   def nll_fn(r):
@@ -571,7 +567,7 @@ def generator_step(
     c_total = c_nll + coef * c_g
   dh, dlast = head_vjp(c_total)
   (grads,) = feat_vjp((dh, jnp.ones_like(aux)))
-  grads = _set(grads, LAST_LAYER, jax.tree.map(jnp.add, _get(grads, LAST_LAYER), dlast))
+  grads = tree_set(grads, LAST_LAYER, jax.tree.map(jnp.add, tree_get(grads, LAST_LAYER), dlast))
   loss = nll + coef * g + aux
 
   grad_norm = optax.tree.norm(grads)
@@ -581,7 +577,9 @@ def generator_step(
   new_params = optax.apply_updates(params, updates)
   new_state = dict(state)
   new_state.update(
-    params=new_params, opt_state=opt_state, ema_params=_ema(state, new_params, hp, spec)
+    params=new_params,
+    opt_state=opt_state,
+    ema_params=optim.epoch_ema_update(state, new_params, hp, spec.ema_reset_every_epoch),
   )
   if isinstance(task, VQGANTask):
     new_state = task.restart_dead_codes(new_state, x, root, step)
@@ -676,7 +674,7 @@ def discriminator_step(
     disc_opt_state=put(state["disc_opt_state"], it, d_opt),
   )
   if updates_ema:
-    new_state["ema_params"] = _ema(state, params, hp, spec)
+    new_state["ema_params"] = optim.epoch_ema_update(state, params, hp, spec.ema_reset_every_epoch)
   metrics = {
     "disc_grad_norm": grad_norm,
     "gan_weight": gw,

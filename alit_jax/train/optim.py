@@ -92,6 +92,19 @@ def ema_update(
   return jax.tree.map(upd, ema, old_params, new_params)
 
 
+def epoch_ema_update(
+  state: Mapping[str, Any], new_params: Any, hp: Mapping[str, jax.Array], reset_every_epoch: bool
+) -> Any:
+  """The EMA after a step from `state` (its step, params, ema_params) to `new_params`.
+
+  `ema_update` with `hp["ema_decay"]`; with `reset_every_epoch` the EMA restarts from the
+  pre-step params at the first step of every epoch (`hp["steps_per_epoch"]`).
+  """
+  spe = jnp.maximum(hp["steps_per_epoch"].astype(jnp.int32), 1)
+  reset = jnp.logical_and(reset_every_epoch, state["step"] % spe == 0)
+  return ema_update(state["ema_params"], state["params"], new_params, hp["ema_decay"], reset)
+
+
 def peak_lr(config, global_batch_size: int) -> float:
   """`config.lr` if set, else `config.blr * global_batch_size / 256` (the reference's rule)."""
   lr = config.get("lr")

@@ -33,30 +33,13 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
-from jax.experimental import multihost_utils
 
 from alit_jax import checkpoint
 from alit_jax.data import base_cache, pipeline, sources
 from alit_jax.models import configs as model_configs
-from alit_jax.models import rollout as rollout_lib
 from alit_jax.models.alit import ALIT
 from alit_jax.models.base_tokenizers import build_base
-from alit_jax.train import checkpoints, optim, sharding, steps, writers
-
-BASE_HELP = """\
-config.base_checkpoint must name a converted base tokenizer directory. Convert the reference's
-base tokenizer checkpoint once with
-  python -m alit_jax.convert /path/to/vqgan.ckpt --out /path/to/vqgan_jax      (MaskGIT VQGAN)
-  python -m alit_jax.convert /path/to/kl16.ckpt --out /path/to/kl16_jax        (MAR KL-16 VAE)
-and pass --config.base_checkpoint=/path/to/vqgan_jax (or a full tokenizer directory, whose base
-part is used). For quick checks only, --config.random_base=True uses a random frozen base."""
-
-
-# One-off initialisation functions: XLA's backend optimisations cost more compile time than
-# they save (the random-number graphs of the initialisers are large).
-FAST_COMPILE = {"xla_backend_optimization_level": 0}
-# `config.fast_compile`: also for the train steps (CPU checks and tests).
-STEP_FAST_COMPILE = {**FAST_COMPILE, "xla_llvm_disable_expensive_passes": True}
+from alit_jax.train import checkpoints, common, gan_stage, optim, sharding, steps, writers
 
 
 class _QuietOrbax(std_logging.Filter):
@@ -76,139 +59,33 @@ class NonFiniteLossError(FloatingPointError):
   """The loss or gradient norm became NaN/Inf; training stopped without saving."""
 
 
-def build_model_config(model_cfg: ml_collections.ConfigDict) -> model_configs.ModelConfig:
-  """ModelConfig from `config.model` (a reference preset, or "test" = `tiny_config`).
-
-  `model.image_size` / `model.patch_size` (None: the preset's) change ALIT's input size and
-  patch size, e.g. 64x64 images with patch 4 over a base tokenizer that downsamples 4x.
-  """
-  name = model_cfg.name
-  kw = dict(quantize_latent=model_cfg.quantize_latent, factorize_latent=model_cfg.factorize_latent)
-  size = {k: model_cfg.get(k) for k in ("image_size", "patch_size") if model_cfg.get(k) is not None}
-  if name == "test":
-    test = dict(model_cfg.get("test", {}))
-    test.update(size)
-    label = test.pop("name", None)  # e.g. "alit_demo": the name the exported model reports
-    config = model_configs.tiny_config(model_cfg.base, **kw, **test)
-    return dataclasses.replace(config, name=label) if label else config
-  config = model_configs.named_config(name, model_cfg.base, **kw)
-  if size:
-    config = dataclasses.replace(config, alit=dataclasses.replace(config.alit, **size))
-  return config
-
-
-def check_base_compatible(config: model_configs.ModelConfig, base_cfg: Any, where: str) -> None:
-  """Raises ValueError if a base tokenizer cannot feed this ALIT (kind or grid size)."""
-  a = config.alit
-  problems = []
-  if base_cfg.kind != a.base:
-    problems.append(f"it is a {base_cfg.kind}, the model expects a {a.base}")
-  if base_cfg.downsample * a.grid_size != a.image_size:
-    problems.append(
-      f"its {base_cfg.downsample}x downsampling does not give the {a.grid_size}x{a.grid_size} "
-      f"grid of {a.image_size}px images with patch size {a.patch_size} (the base's downsampling "
-      "must equal the patch size)"
-    )
-  if problems:
-    raise ValueError(f"base tokenizer {where} does not fit {config.name}: " + "; ".join(problems))
-
-
-def adapt_to_base(
-  config: model_configs.ModelConfig, base_cfg: Any, where: str
-) -> model_configs.ModelConfig:
-  """`config` with this base, after `check_base_compatible`.
-
-  ALIT's base-dependent sizes (the base's embedding dim and, for a VQGAN, its codebook size,
-  i.e. ALIT's decoder output) follow the base tokenizer, so a small base trained with
-  `configs/vqgan_train.py` can be used with any ALIT preset.
-  """
-  check_base_compatible(config, base_cfg, where)
-  a = config.alit
-  changes = {}
-  if base_cfg.embed_dim != a.base_embed_dim:
-    changes["base_embed_dim"] = base_cfg.embed_dim
-  if a.base == "vqgan" and base_cfg.n_embed != a.base_codebook_size:
-    changes["base_codebook_size"] = base_cfg.n_embed
-  if changes:
-    logging.info("ALIT's base-dependent sizes follow the base tokenizer %s: %s", where, changes)
-    a = dataclasses.replace(a, **changes)
-  return dataclasses.replace(config, alit=a, base=base_cfg)
-
-
-def step_compiler_options(config: ml_collections.ConfigDict) -> dict[str, Any] | None:
-  """XLA options of the jitted train steps: `FAST_COMPILE` with `config.fast_compile`."""
-  return dict(STEP_FAST_COMPILE) if config.get("fast_compile", False) else None
-
-
-def _is_main() -> bool:
-  return jax.process_index() == 0
-
-
-def _barrier(name: str) -> None:
-  if jax.process_count() > 1:
-    multihost_utils.sync_global_devices(name)
-
-
-@functools.partial(jax.jit, static_argnums=(0, 1), compiler_options=FAST_COMPILE)
-def _init_random_base(base_cfg: Any, image_size: int, seed: jax.Array) -> Any:
-  key = jax.random.fold_in(steps.stream_key(jax.random.key(seed), "params"), 1)
-  images = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
-  return build_base(base_cfg).init(key, images)
-
-
 def _setup_base(
   config: ml_collections.ConfigDict, model_config: model_configs.ModelConfig, workdir: pathlib.Path
 ) -> tuple[model_configs.ModelConfig, Any]:
   """The frozen base: the workdir's copy (resume), a converted checkpoint, or random."""
   base_dir = workdir / checkpoints.BASE_DIR
   have_copy = (base_dir / checkpoint.CONFIG_FILE).is_file()
-  _barrier("alit_base_exists")
+  common.barrier("alit_base_exists")
   if have_copy:
     base_cfg, base_vars = checkpoint.load_base(base_dir)
     where = str(base_dir)
-  elif config.base_checkpoint:
-    path = pathlib.Path(os.path.expanduser(config.base_checkpoint))
-    if not (path / checkpoint.CONFIG_FILE).is_file():
-      raise FileNotFoundError(f"{path}: not a converted base tokenizer directory.\n{BASE_HELP}")
-    base_cfg, base_vars = checkpoint.load_base(path)
-    where = str(path)
-  elif config.random_base:
-    base_cfg = model_config.base
-    base_vars = jax.device_get(
-      _init_random_base(base_cfg, model_config.alit.image_size, np.uint32(config.seed))
-    )
-    where = "(random)"
-    logging.warning("Using a RANDOM frozen base tokenizer (config.random_base=True).")
   else:
-    raise ValueError(f"no base tokenizer given.\n{BASE_HELP}")
-  model_config = adapt_to_base(model_config, base_cfg, where)
+    base_cfg, base_vars, where = common.load_config_base(config, model_config)
+    if not config.base_checkpoint:  # config.random_base
+      logging.warning("Using a RANDOM frozen base tokenizer (config.random_base=True).")
+  model_config = common.adapt_to_base(model_config, base_cfg, where)
   if not have_copy:
     # Collective Orbax save (every process takes part), then the small JSON from process 0.
     with ocp.StandardCheckpointer() as ckptr:
       ckptr.save(base_dir / checkpoint.PARAMS_DIR, jax.device_get(base_vars), force=True)
-    if _is_main():
+    if common.is_main():
       body = {
         "base": {"kind": base_cfg.kind, **dataclasses.asdict(base_cfg)},
         "meta": {"source": where},
       }
       checkpoints.write_json_atomic(base_dir / checkpoint.CONFIG_FILE, body)
-    _barrier("alit_base_written")
+    common.barrier("alit_base_written")
   return model_config, base_vars
-
-
-def _write_model_config(workdir: pathlib.Path, model_config, meta: dict[str, Any]) -> None:
-  path = workdir / checkpoints.MODEL_CONFIG
-  new = json.loads(model_config.to_json())
-  if path.is_file():
-    old = json.loads(path.read_text())["model"]
-    if old != new:
-      raise ValueError(
-        f"{path} describes a different model than this config; use a new workdir.\n"
-        f"workdir: {json.dumps(old, sort_keys=True)}\nconfig:  {json.dumps(new, sort_keys=True)}"
-      )
-    return
-  if _is_main():
-    checkpoints.write_json_atomic(path, {"model": new, "meta": meta})
 
 
 def _log_source_report(source: Any, writer) -> None:
@@ -254,7 +131,7 @@ def _flat_metrics(m: dict[str, np.ndarray]) -> dict[str, float]:
   return out
 
 
-class _Window:
+class MetricsWindow:
   """Averages step metrics over a logging window.
 
   A metrics dict may carry one one-hot/mask weight vector named `*_iters` (stage 1:
@@ -319,14 +196,6 @@ class _Window:
     return out
 
 
-def _recon_grid(images: np.ndarray, recons: np.ndarray) -> np.ndarray:
-  """(n, H, W, 3) inputs and (N, n, H, W, 3) reconstructions -> (n*H, (N+1)*W, 3) uint8."""
-  cols = np.concatenate([images[None], recons], axis=0)  # (N+1, n, H, W, 3)
-  k, n, h, w, c = cols.shape
-  grid = cols.transpose(1, 2, 0, 3, 4).reshape(n * h, k * w, c)
-  return (np.clip(grid, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
-
-
 def _load_init_params(path: str, target: Any) -> Any:
   """Params from a pretrained dir (config.json) or another workdir (its latest EMA)."""
   p = pathlib.Path(os.path.expanduser(path))
@@ -340,14 +209,9 @@ def _load_init_params(path: str, target: Any) -> Any:
     )
   _, variables, _ = checkpoint.load_pretrained(p)
   params = variables["alit"]["params"]
-  want = jax.tree_util.tree_structure(target)
-  if jax.tree_util.tree_structure(params) != want:
+  bad = common.shape_mismatches(params, target)
+  if bad is None:
     raise ValueError(f"init_from {p}: parameter tree differs from the model's")
-  bad = [
-    f"{sharding.path_name(k)}: {np.shape(a)} vs {b.shape}"
-    for (k, a), b in zip(jax.tree_util.tree_leaves_with_path(params), jax.tree.leaves(target))
-    if tuple(np.shape(a)) != tuple(b.shape)
-  ]
   if bad:
     raise ValueError(f"init_from {p}: shapes differ from the model's: {bad}")
   logging.info("init_from: params of pretrained dir %s", p)
@@ -355,22 +219,6 @@ def _load_init_params(path: str, target: Any) -> Any:
 
 
 STAGES = ("latent_distillation", "full_finetuning", "vqgan")
-
-
-@dataclasses.dataclass
-class Context:
-  """What the loop hands a stage when it builds its jitted steps."""
-
-  mesh: Any
-  rules: tuple
-  min_fsdp_size: int
-  hp: dict[str, jax.Array]
-  seed: jax.Array
-  root: jax.Array
-  steps_per_epoch: int
-  total_steps: int
-  global_batch: int
-  num_summary: int
 
 
 class _Stage1:
@@ -384,7 +232,7 @@ class _Stage1:
 
   def prepare(self) -> None:
     config = self.config
-    model_config = build_model_config(config.model)
+    model_config = common.build_model_config(config.model)
     self.model_config, base_vars = _setup_base(config, model_config, self.workdir)
     self.base_vars_host = base_vars
     # Stage 1 on cached base outputs (`python -m alit_jax.data.base_cache`), checked up front.
@@ -398,7 +246,7 @@ class _Stage1:
         base_vars,
         str(self.workdir / checkpoints.BASE_DIR),
       )
-    _write_model_config(self.workdir, self.model_config, {"stage": config.stage})
+    common.write_model_config(self.workdir, self.model_config, {"stage": config.stage})
     dtype = jnp.dtype(config.compute_dtype)
     self.model = ALIT(self.model_config.alit, dtype=dtype)
     self.base = build_base(self.model_config.base, dtype=dtype)
@@ -406,14 +254,14 @@ class _Stage1:
     self.image_size = self.model_config.alit.image_size
     self.num_iters = self.model_config.alit.max_rollout_iters
 
-  def build(self, ctx: Context) -> None:
+  def build(self, ctx: common.Context) -> None:
     self.ctx = ctx
     model, spec = self.model, self.spec
     abstract = jax.eval_shape(
       functools.partial(steps.create_train_state, model=model, spec=spec), ctx.root
     )
     self.state_sh = sharding.tree_shardings(abstract, ctx.mesh, ctx.rules, ctx.min_fsdp_size)
-    self.abstract_state = _with_shardings(abstract, self.state_sh)
+    self.abstract_state = common.with_shardings(abstract, self.state_sh)
     base_sh = sharding.tree_shardings(self.base_vars_host, ctx.mesh, ctx.rules, ctx.min_fsdp_size)
     self.base_vars = sharding.put_global(self.base_vars_host, base_sh)
     repl = sharding.replicated(ctx.mesh)
@@ -426,7 +274,7 @@ class _Stage1:
       in_shardings=(self.state_sh, base_sh, batch_sh, repl, repl),
       out_shardings=(self.state_sh, repl),
       donate_argnums=(0,),
-      compiler_options=step_compiler_options(self.config),
+      compiler_options=common.step_compiler_options(self.config),
     )
     if self.base_cache is not None:
       self.p_train_step_cached = jax.jit(
@@ -435,7 +283,7 @@ class _Stage1:
         in_shardings=(self.state_sh, base_sh, batch_sh, batch_sh, repl, repl),
         out_shardings=(self.state_sh, repl),
         donate_argnums=(0,),
-        compiler_options=step_compiler_options(self.config),
+        compiler_options=common.step_compiler_options(self.config),
       )
     self.which = "ema_params" if self.config.summary_params == "ema" else "params"
     self.p_reconstruct = jax.jit(
@@ -452,13 +300,13 @@ class _Stage1:
         steps.init_train_state,
         static_argnums=(1,),
         out_shardings=self.state_sh,
-        compiler_options=FAST_COMPILE,
+        compiler_options=common.FAST_COMPILE,
       )(params, self.spec)
     return jax.jit(
       steps.create_train_state,
       static_argnums=(1, 2),
       out_shardings=self.state_sh,
-      compiler_options=FAST_COMPILE,
+      compiler_options=common.FAST_COMPILE,
     )(self.ctx.root, self.model, self.spec)
 
   def describe(self) -> str:
@@ -497,7 +345,7 @@ class _Stage1:
       self.spec.impl,
       self.ctx.num_summary,
     )
-    _write_reconstructions(writer, step, out, self.config.summary_params)
+    common.write_reconstructions(writer, step, out, self.config.summary_params)
 
 
 def _make_stage(config: ml_collections.ConfigDict, workdir: pathlib.Path):
@@ -507,12 +355,10 @@ def _make_stage(config: ml_collections.ConfigDict, workdir: pathlib.Path):
     raise ValueError(
       f"config.input.base_cache is for stage 1 (latent_distillation), not {config.stage!r}"
     )
-  from alit_jax.train import gan_stage
-
   return gan_stage.GanStage(config, workdir)
 
 
-def _non_finite_message(s: int, m: dict[str, np.ndarray], last_saved, ckpt_dir) -> str:
+def non_finite_message(s: int, m: dict[str, np.ndarray], last_saved, ckpt_dir) -> str:
   """One line: the step, the values, what is kept and what a rerun does."""
   if last_saved:
     kept = (
@@ -556,9 +402,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     raise ValueError(f"unknown stage {config.stage!r}; this trainer implements {STAGES}")
   workdir = pathlib.Path(os.path.expanduser(os.fspath(workdir))).absolute()
   _quiet_orbax_logs()
-  if _is_main():
+  if common.is_main():
     workdir.mkdir(parents=True, exist_ok=True)
-  _barrier("alit_workdir")
+  common.barrier("alit_workdir")
   logging.info(
     "workdir %s; process %d of %d; %d devices (%d local)",
     workdir,
@@ -571,7 +417,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
   # ---- model (and frozen parts) ----
   stage = _make_stage(config, workdir)
   stage.prepare()
-  if _is_main():
+  if common.is_main():
     checkpoints.write_json_atomic(
       workdir / checkpoints.TRAIN_CONFIG, json.loads(config.to_json_best_effort())
     )
@@ -622,7 +468,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     steps_per_epoch=spe,
   )
   stage.build(
-    Context(
+    common.Context(
       mesh=mesh,
       rules=tuple((rx, rule) for rx, rule in config.sharding.rules),
       min_fsdp_size=int(config.sharding.min_fsdp_size),
@@ -636,7 +482,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     )
   )
 
-  writer = writers.create_writer(workdir, enabled=_is_main())
+  writer = writers.create_writer(workdir, enabled=common.is_main())
   _log_source_report(source, writer)
   if cache is not None:
     logging.info(
@@ -681,17 +527,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
         state = stage.init_state()
       logging.info("%s; mesh %s", stage.describe(), dict(mesh.shape))
       # Rows past the restored step are recomputed below: drop them first (exactly once each).
-      has_hparams = _is_main() and writers.rewind_jsonl(workdir / writers.METRICS_FILE, start)
-      if _is_main() and not has_hparams:
+      has_hparams = common.is_main() and writers.rewind_jsonl(workdir / writers.METRICS_FILE, start)
+      if common.is_main() and not has_hparams:
         writer.write_hparams(
           dict(_flat_config(config), steps_per_epoch=spe, total_steps=total_steps)
         )
       report = None
-      if _is_main():
+      if common.is_main():
         report = writers.periodic_actions.ReportProgress(
           num_train_steps=total_steps, writer=writer, every_steps=log_every, every_secs=None
         )
-      window = _Window(stage.omit_unvisited, stage.num_iters)
+      window = MetricsWindow(stage.omit_unvisited, stage.num_iters)
       pending: list[tuple[int, list[dict]]] = []
       last_saved = start if start > 0 else None
       logged: dict[str, float] = {}
@@ -704,7 +550,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
           ms = [{k: sharding.host_value(v) for k, v in m.items()} for m in ms]
           for m in ms:
             if not bool(m["finite"]):
-              raise NonFiniteLossError(_non_finite_message(s, m, last_saved, ckpt.directory))
+              raise NonFiniteLossError(non_finite_message(s, m, last_saved, ckpt.directory))
           window.add_step(ms)
           if s == start + 1:
             window.start_timing(time.perf_counter())  # the first step includes compilation
@@ -751,9 +597,6 @@ def stage1_spec(
   config: ml_collections.ConfigDict, model_config: model_configs.ModelConfig
 ) -> steps.Stage1Spec:
   """The static step settings from the config (halting threshold defaults to the model's)."""
-  threshold = config.loss.halting_threshold
-  if threshold is None:
-    threshold = model_config.alit.halting_threshold
   n = model_config.alit.max_rollout_iters
   if config.rollout_impl == "unrolled" and 0 < config.loss.loss_iters < n:
     raise ValueError(
@@ -772,9 +615,7 @@ def stage1_spec(
       f"{config.loss.loss_iters}: set at most one"
     )
   return steps.Stage1Spec(
-    halting=rollout_lib.Halting(
-      config.loss.halting, float(threshold), bool(config.loss.vae_masking)
-    ),
+    halting=common.halting_from_config(config, model_config.alit),
     loss_iters=int(config.loss.loss_iters),
     lam=tuple(float(x) for x in config.loss.lam),
     impl=config.rollout_impl,
@@ -782,22 +623,6 @@ def stage1_spec(
     ema_reset_every_epoch=bool(config.ema.reset_every_epoch),
     rollout_iters=rollout_iters,
   )
-
-
-def _with_shardings(tree: Any, shardings: Any) -> Any:
-  return jax.tree.map(
-    lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings
-  )
-
-
-def _write_reconstructions(writer, step: int, out: dict, which: str) -> None:
-  if not _is_main():
-    return
-  x = sharding.host_value(out["images"])
-  r = sharding.host_value(out["reconstructions"])
-  writer.write_images(step, {f"reconstructions/{which}": _recon_grid(x, r)})
-  l1 = np.abs(r - x[None]).mean(axis=(1, 2, 3, 4))
-  writer.write_scalars(step, {f"summary/l1_iter_{i}": v for i, v in enumerate(l1)})
 
 
 def _flat_config(config: ml_collections.ConfigDict) -> dict[str, Any]:

@@ -55,11 +55,11 @@ def random_demo_base(directory: pathlib.Path) -> pathlib.Path:
   import numpy as np
 
   from alit_jax import checkpoint
-  from alit_jax.train import gan_stage, trainer
+  from alit_jax.train import common, gan_stage
   from configs import demo_vqgan
 
   cfg = gan_stage.vqgan_model_config(demo_vqgan.get_config(None).model)
-  variables = jax.device_get(trainer._init_random_base(cfg, 64, np.uint32(0)))
+  variables = jax.device_get(common.init_random_base(cfg, 64, np.uint32(0)))
   checkpoint.save_base(directory, cfg, variables, meta={"source": "random (benchmark)"})
   return directory
 
