@@ -37,6 +37,18 @@ reports (it does not feed back into training).
 JAX side: `known_answer.make_train_step` (the trainer's own `steps.stage1_update`, halting off,
 AdamW b1 0.9, b2 0.95, eps 1e-8, wd 0.05 with the timm mask, clip 3.0, lr 0 at step 0).
 
+Continuous latents (`--continuous`): the reference's decoder reads `pre_quantizer_mlp`'s output
+as is, as alit-jax's does. `--noise-std STD` (implies continuous) trains through alit-jax's
+noisy latent channel (`ALITConfig.latent_noise_std`, set as `experiments/known_answer.py` sets
+it). The reference has no such option, so `add_noise_channel` adds the same channel from outside:
+a forward hook on `pre_quantizer_mlp` returns `F.normalize(out, dim=-1) + STD * randn` in
+training (normalised, no noise, in eval mode). The two sides draw their noise from different
+RNGs, so with STD > 0 the per-step losses differ from step 0 on and only statistics (block means
+of the NLL per iteration) compare; a tiny STD (1e-6) checks the channel step by step.
+
+    python experiments/reference_trajectory.py --reference-dir /work/scratch/alit_ref \
+        --grid 4 --noise-std 0.8 --batch-size 32 --lr 2e-3 --steps 1000 --log-every 100
+
 Quantizer indices: a forward hook on the torch quantizer, and a separate forward of the JAX model
 on the same params and batch before each step; the per-step count of differing indices is logged.
 
@@ -44,7 +56,10 @@ Writes `--out` (a .json path, or a folder that gets reference_trajectory.json): 
 losses, grad norms, lr and index differences on both sides, the conversion notes, and a summary
 (max differences over the first `--compare-steps`, the first step over `--tol`, the first step
 with differing indices, per-`--log-every` rows and block means, the final per-parameter
-differences). `--resummarize JSON` recomputes that summary from a written file's rows.
+differences, and the same-weights check: each side's final weights run through both
+implementations on `--check-batch` fresh images, so that once the trajectories have parted a
+difference between the implementations can still be told from one between the trajectories).
+`--resummarize JSON` recomputes that summary from a written file's rows.
 Results and their reading: `experiments/results/reference_trajectory.md`.
 """
 
@@ -80,6 +95,14 @@ def parse_args(argv=None):
   p.add_argument("--codes", type=int, default=2, help="latent codebook size")
   p.add_argument("--iters", type=int, default=2, help="rollout iterations")
   p.add_argument("--continuous", action="store_true", help="unquantized latents")
+  p.add_argument(
+    "--noise-std",
+    type=float,
+    default=0.0,
+    help="continuous latents through a noisy channel (implies --continuous): JAX sets "
+    "ALITConfig.latent_noise_std; torch gets the same channel from a forward hook on the module "
+    "whose output its decoder reads (l2-normalised, + std * N(0, I) in training)",
+  )
   p.add_argument("--commitment", type=float, default=0.25, help="quantizer commitment weight")
   p.add_argument("--width", type=int, default=64)
   p.add_argument("--layers", type=int, default=2)
@@ -96,6 +119,12 @@ def parse_args(argv=None):
     help="absolute tolerance on every loss term (float32 noise; see the README section)",
   )
   p.add_argument("--log-every", type=int, default=25)
+  p.add_argument(
+    "--check-batch",
+    type=int,
+    default=256,
+    help="images of the end-of-run same-weights check (0: skip it)",
+  )
   p.add_argument("--threads", type=int, default=1, help="torch threads (1 also sets JAX's)")
   p.add_argument("--out", default="runs/reference_trajectory")
   return p.parse_args(argv)
@@ -215,6 +244,38 @@ def add_weight_decay(model, weight_decay: float):
   return groups, decay_names
 
 
+def add_noise_channel(model, cfg, seed: int) -> str | None:
+  """alit-jax's `latent_noise_std` channel on the reference, from outside (its code unchanged).
+
+  In the continuous configuration the reference's decoder reads `pre_quantizer_mlp(ln_post(z))`
+  (`encoder_ln_post`'s output when not factorized) directly. A forward hook on that module
+  replaces its output with `F.normalize(out, dim=-1) + std * N(0, I)` in training and with
+  `F.normalize(out, dim=-1)` in eval mode, as `ALIT.latent_head` does with and without a noise
+  key. The module is called once per iteration, on the T(i+1) latent slots. The draws come from
+  a torch Generator of their own (seeded `seed`), so they differ from JAX's.
+  """
+  import torch
+  import torch.nn.functional as F
+
+  std = cfg.latent_noise_std
+  if std <= 0:
+    return None
+  name = "pre_quantizer_mlp" if cfg.factorize_latent else "encoder_ln_post"
+  gen = torch.Generator().manual_seed(seed)
+
+  def hook(mod, inp, out):
+    out = F.normalize(out, dim=-1)
+    if mod.training:
+      out = out + std * torch.randn(out.shape, generator=gen, dtype=out.dtype)
+    return out
+
+  getattr(model, name).register_forward_hook(hook)
+  return (
+    f"forward hook on {name}: F.normalize(out, dim=-1) + {std:g} * randn "
+    "(the noise in training only)"
+  )
+
+
 # ----------------------------------------------------------------------------- conversion
 
 
@@ -291,7 +352,8 @@ def run(args) -> dict:
     codebook_size=args.codes,
     num_latent_tokens=args.tokens,
     max_rollout_iters=args.iters,
-    quantize_latent=not args.continuous,
+    quantize_latent=not (args.continuous or args.noise_std > 0),
+    latent_noise_std=args.noise_std,
     commitment_cost=args.commitment,
   )
   n_it, t = cfg.max_rollout_iters, cfg.num_latent_tokens
@@ -318,6 +380,7 @@ def run(args) -> dict:
   state = steps.init_train_state(params, ka.SPEC)
 
   quantized = cfg.quantize_latent
+  noise_note = add_noise_channel(model_t, cfg, args.seed)
   captured = []
   if quantized:
     model_t.quantize.register_forward_hook(
@@ -335,12 +398,15 @@ def run(args) -> dict:
 
   print(
     f"config: grid {args.grid}, {t} tokens x {args.codes} codes, {n_it} iterations, "
-    f"{'continuous' if args.continuous else 'quantized'}, commitment {args.commitment}, "
+    f"{'quantized' if quantized else 'continuous'}, noise std {args.noise_std:g}, "
+    f"commitment {args.commitment}, "
     f"width {args.width}, {args.layers}+{args.layers} layers, B{args.batch_size}, lr {args.lr}, "
     f"warm-up {args.warmup_steps}, {args.steps} steps, seed {args.seed}",
     flush=True,
   )
   print(f"conversion: {json.dumps(conv_notes)}", flush=True)
+  if noise_note:
+    print(f"noise channel: {noise_note}", flush=True)
   print(f"weight-decay groups differing between the sides: {decay_mismatch or 'none'}")
 
   rng = np.random.default_rng(args.seed)
@@ -410,6 +476,10 @@ def run(args) -> dict:
 
   summary = summarize(rows, args, n_it)
   summary["final_param_diff"] = final_param_diff(model_t, state["params"], target)
+  if args.check_batch > 0:
+    summary["same_weights_check"] = same_weights_check(
+      args, ref, cfg, codebook, hp, model_t, state["params"], target, problem
+    )
   summary["seconds"] = {k: round(v, 1) for k, v in secs.items()}
   summary["seconds_after_step_0"] = {k: round(secs[k] - first[k], 1) for k in secs}
   print_summary(summary, n_it)
@@ -417,6 +487,7 @@ def run(args) -> dict:
     "args": vars(args),
     "config": {k: getattr(cfg, k) for k in cfg.__dataclass_fields__},
     "conversion": conv_notes,
+    "noise_channel": noise_note,
     "weight_decay_mismatch": decay_mismatch,
     "env": {
       "torch": torch.__version__,
@@ -427,6 +498,120 @@ def run(args) -> dict:
     "summary": summary,
     "rows": rows,
   }
+
+
+def same_weights_check(args, ref, cfg, codebook, hp, model_t, params_j, target, problem) -> dict:
+  """Each side's final weights run through BOTH implementations on one fresh batch.
+
+  After the trajectories have parted, this tells a difference between the implementations (the
+  loss, gradient or indices of the same weights would differ) from a difference between the
+  trajectories (each side's weights give the same numbers on both sides). The torch weights are
+  converted into the Flax tree as at init; the JAX weights go into a fresh reference model through
+  `mapping.tree_to_state_dict` (rows past N*T of the decoder's latent position table keep the
+  fresh model's values: never read). With the noisy channel both sides use STD 1e-9 here (the
+  channel's normalisation, no noise worth the name), so the NLL is the noise-free one. A batch of
+  `--check-batch` images drawn with seed 10000 + seed (not a training batch); loss terms, the
+  gradient norm (pre-clipping, on these weights, no step taken) and quantizer indices.
+  """
+  import dataclasses
+
+  import jax
+  import jax.numpy as jnp
+  import torch
+
+  from alit_jax.analysis import known_answer as ka
+  from alit_jax.convert import mapping
+  from alit_jax.models import rollout as rollout_lib
+  from alit_jax.models.alit import ALIT
+  from alit_jax.train import steps
+
+  n_it, t = cfg.max_rollout_iters, cfg.num_latent_tokens
+  quantized = cfg.quantize_latent
+  cfg_c = cfg
+  if cfg.latent_noise_std > 0:
+    cfg_c = dataclasses.replace(cfg, latent_noise_std=1e-9)
+  model_j = ALIT(cfg_c)
+  step_j = ka.make_train_step(model_j, hp)
+  batch = problem.batch(np.random.default_rng(10_000 + args.seed), codebook, args.check_batch)
+  base_out = {k: jnp.asarray(v) for k, v in batch.items()}
+  imgs = torch.zeros(args.check_batch, 3, cfg.image_size, cfg.image_size)
+
+  @jax.jit
+  def jax_indices(params, base_out):
+    n = base_out["gt_indices"].shape[0]
+    v = {"params": params}
+    x = jnp.zeros((n, cfg.image_size, cfg.image_size, 3), jnp.float32)
+    img = model_j.apply(v, x, base_out["base_features"], method=ALIT.embed_images)
+    targets = {k: base_out[k] for k in ("gt_indices", "codebook")}
+    return rollout_lib.alit_rollout(model_j, v, img, targets, impl=ka.SPEC.impl)["quant_indices"]
+
+  key = "decoder.latent_token_positional_embedding"
+  sd_t = {k: v.detach().clone() for k, v in model_t.state_dict().items()}
+  sd_j = mapping.tree_to_state_dict({"params": jax.device_get(params_j)})
+  conv_t, _ = convert_initial_weights(model_t, target)  # torch's final weights, as at init
+  weight_sets = {"torch_final": (sd_t, conv_t), "jax_final": (sd_j, jax.device_get(params_j))}
+
+  res = {"batch": args.check_batch, "noise_std": cfg_c.latent_noise_std}
+  for name, (sd, params) in weight_sets.items():
+    # Torch: a fresh reference model holding these weights, the reference's forward + backward.
+    model_b, base_b = build_torch_model(ref, cfg_c, codebook, args.seed)
+    add_noise_channel(model_b, cfg_c, args.seed)
+    own = model_b.state_dict()
+    load = {}
+    for k, v in sd.items():
+      v = torch.as_tensor(np.asarray(v))
+      if k == key and v.shape != own[k].shape:
+        v = torch.cat([v, own[k][v.shape[0] :]], 0)
+      load[k] = v
+    missing, unexpected = model_b.load_state_dict(load, strict=False)
+    assert all(k.startswith("base_tokenizer.") for k in missing) and not unexpected, (
+      missing,
+      unexpected,
+    )
+    model_b.train(True)
+    captured = []
+    if quantized:
+      model_b.quantize.register_forward_hook(
+        lambda mod, inp, out, c=captured: c.append(out[1]["min_encoding_indices"].numpy().copy())
+      )
+    base_b.serve(batch)
+    loss_t, logs = model_b(imgs)
+    loss_t.backward()
+    gn_t = torch.nn.utils.clip_grad_norm_(model_b.parameters(), float("inf"))
+    side_t = {
+      "nll": [_r(logs[i][f"nll_loss_{i}"]) for i in range(n_it)],
+      "code": [_r(logs[i][f"code_loss_{i}"]) for i in range(n_it)],
+      "quant": [_r(logs[i].get(f"quantization_loss_{i}", 0.0)) for i in range(n_it)],
+      "loss": _r(loss_t.item()),
+      "grad_norm": _r(gn_t.item()),
+    }
+    # JAX: the trainer's step on these weights (its metrics are of the pre-step weights).
+    p = jax.tree.map(jnp.asarray, params)
+    _, m = step_j(steps.init_train_state(p, ka.SPEC), base_out)
+    m = jax.device_get(m)
+    side_j = {
+      "nll": [_r(v) for v in m["nll_loss"]],
+      "code": [_r(v) for v in m["code_loss"]],
+      "quant": [_r(v) for v in m["quantization_loss"]] if quantized else [0.0] * n_it,
+      "loss": _r(m["loss"]),
+      "grad_norm": _r(m["grad_norm"]),
+    }
+    diffs = [abs(a - b) for k in TERMS for a, b in zip(side_t[k], side_j[k])]
+    diffs.append(abs(side_t["loss"] - side_j["loss"]))
+    entry = {
+      "torch": side_t,
+      "jax": side_j,
+      "max_abs_diff": _r(max(diffs)),
+      "grad_norm_diff": _r(abs(side_t["grad_norm"] - side_j["grad_norm"])),
+    }
+    if quantized:
+      q_j = np.asarray(jax_indices(p, base_out))
+      entry["index_diff"] = [
+        int(np.sum(captured[i] != q_j[i][:, : t * (i + 1)])) for i in range(n_it)
+      ]
+      entry["indices"] = sum(c.size for c in captured)
+    res[name] = entry
+  return res
 
 
 def final_param_diff(model_t, params_j, target, top: int = 6) -> dict:
@@ -532,6 +717,22 @@ def print_summary(s: dict, n_it: int) -> None:
       + f"; gap it0 - it{n_it - 1} {gap:+.4f}"
     )
   print(f"  max |torch - jax| per parameter at the end: {s['final_param_diff']}")
+  c = s.get("same_weights_check")
+  if c:
+    print(
+      f"  same-weights check ({c['batch']} fresh images, noise std {c['noise_std']:g}): each "
+      "side's final weights through both implementations"
+    )
+    for name in ("torch_final", "jax_final"):
+      e = c[name]
+      print(
+        f"    {name:11s} NLL torch "
+        + " ".join(f"{v:.5f}" for v in e["torch"]["nll"])
+        + " jax "
+        + " ".join(f"{v:.5f}" for v in e["jax"]["nll"])
+        + f" | max|d| loss terms {e['max_abs_diff']:.1e}, grad norm {e['grad_norm_diff']:.1e}"
+        + (f" | indices differing {e['index_diff']} of {e['indices']}" if "index_diff" in e else "")
+      )
   print(f"  seconds: {s['seconds']} (after step 0: {s['seconds_after_step_0']})")
 
 
@@ -549,7 +750,8 @@ def resummarize(path: pathlib.Path) -> None:
   old = res["summary"]
   n_it = len(res["rows"][0]["torch"]["nll"])
   s = summarize(res["rows"], args, n_it)
-  s.update({k: old[k] for k in ("seconds", "seconds_after_step_0", "final_param_diff")})
+  keep = ("seconds", "seconds_after_step_0", "final_param_diff", "same_weights_check")
+  s.update({k: old[k] for k in keep if k in old})
   res["summary"] = s
   print_summary(s, n_it)
   write_rows_json(path, res)
