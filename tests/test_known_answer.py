@@ -89,9 +89,10 @@ def test_known_answer_recurrence_carries_more_than_its_first_pass():
   iteration through a noisy channel (`latent_noise_std` 0.8: at most 1.06 bits per token, so
   iteration 0's NLL is >= 0.326 nats per position whatever the model does, iteration 1's >= 0);
   2 iterations, halting off, the trainer's own loss, AdamW and schedule (B32, lr 2e-3, 600
-  steps). Measured (`python experiments/known_answer.py --grid 4 --noise-std 0.8 --steps 600
-  --batch-size 32 --lr 2e-3 --seed 2`): held-out NLL 0.483 / 0.392 at step 500; the single-pass
-  control with 16 tokens (`--iters 1 --tokens 16`) 0.344 at step 600. The outcome depends on the
+  steps). Measured in this test: held-out NLL 0.482 / 0.393; the single-pass control with the
+  16 tokens at once, same budget (`num_latent_tokens=16, max_rollout_iters=1`), 0.343 (the same
+  setting in `python experiments/known_answer.py --grid 4 --noise-std 0.8 --steps 600
+  --batch-size 32 --lr 2e-3 --seed 2 [--iters 1 --tokens 16]`). The outcome depends on the
   seed: with seed 1 the new tokens stay redundant (0.491 / 0.492 after 1500 steps), the failure
   every demo model showed; see experiments/README.md section 7.
 
