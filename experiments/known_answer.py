@@ -29,6 +29,7 @@ from _common import write_json
 
 from alit_jax.analysis import known_answer as ka
 from alit_jax.models.alit import ALIT
+from alit_jax.models.configs import ALITConfig
 from alit_jax.train import steps
 
 
@@ -89,7 +90,9 @@ def _format(row: dict) -> str:
   return txt + f"  spread {row['spread']:.3f}"
 
 
-def run(args) -> dict:
+def problem_and_config(args) -> tuple[ka.Problem, ALITConfig]:
+  """The problem and the model that this script's flags describe (shared with
+  `reference_trajectory.py`)."""
   problem = ka.Problem(bits=args.bits, grid=args.grid)
   cfg = ka.model_config(
     problem,
@@ -104,6 +107,11 @@ def run(args) -> dict:
     latent_noise_std=args.noise_std,
     commitment_cost=args.commitment,
   )
+  return problem, cfg
+
+
+def run(args) -> dict:
+  problem, cfg = problem_and_config(args)
   model = ALIT(cfg)
   params = steps.init_params(model, jax.random.key(args.seed))
   if args.decoder_embed_scale != 1.0:

@@ -149,9 +149,9 @@ def import_reference(ref: pathlib.Path) -> types.SimpleNamespace:
   import torch
 
   sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent / "benchmarks"))
-  from torch_reference import _stub_training_imports
+  from torch_reference import stub_training_imports
 
-  _stub_training_imports()
+  stub_training_imports()
   # Its deprecated torch.cuda.amp calls warn on every import / CPU use; they are no-ops here.
   warnings.filterwarnings("ignore", message=r".*torch\.cuda\.amp.*")
   warnings.filterwarnings("ignore", message=r".*CUDA is not available.*")
@@ -342,20 +342,9 @@ def run(args) -> dict:
   torch.set_num_threads(args.threads)
   ref = import_reference(pathlib.Path(args.reference_dir).resolve())
 
-  problem = ka.Problem(bits=args.bits, grid=args.grid)
-  cfg = ka.model_config(
-    problem,
-    encoder_width=args.width,
-    decoder_width=args.width,
-    encoder_layers=args.layers,
-    decoder_layers=args.layers,
-    codebook_size=args.codes,
-    num_latent_tokens=args.tokens,
-    max_rollout_iters=args.iters,
-    quantize_latent=not (args.continuous or args.noise_std > 0),
-    latent_noise_std=args.noise_std,
-    commitment_cost=args.commitment,
-  )
+  import known_answer  # the sibling script: the problem and model its flags describe
+
+  problem, cfg = known_answer.problem_and_config(args)
   n_it, t = cfg.max_rollout_iters, cfg.num_latent_tokens
   codebook = problem.codebook(args.seed)
 

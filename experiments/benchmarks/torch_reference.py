@@ -38,7 +38,7 @@ CONFIGS = {  # name -> (ALIT width, layers, heads, latent codebook, tiny VQGAN)
 _TINY_VQGAN = [False]  # read when the reference loads its VQGAN yaml (one process, many configs)
 
 
-def _stub_training_imports():
+def stub_training_imports():
   """Empty stand-ins for modules the reference imports but its forward never calls."""
   import torch.nn as nn
   import yaml
@@ -133,7 +133,7 @@ def main(argv=None) -> int:
   import torch
 
   torch.set_num_threads(a.threads)
-  _stub_training_imports()
+  stub_training_imports()
   sys.path[:0] = [str(ref), str(ref / "base_tokenizers")]
   os.chdir(ref)  # the reference reads its VQGAN yaml by relative path
   rows = []
