@@ -11,7 +11,7 @@ reconstruction error, and writes to OUT:
   `scores` (criterion at every token count), `token_counts`, `source` (the image path);
 * `<name>.png`: the input, then the reconstruction at every token count (32, 64, ..., 256), the
   chosen one framed in red, with the score under each;
-* `summary.csv`: one row per image;
+* `summary.csv`: one row per image, skipped files included (their `error` column says why);
 * with `--grid FILE`, every strip stacked into one picture.
 
 Unreadable files are reported by name and skipped; the others still run.
@@ -161,11 +161,14 @@ def tokenize_paths(
         }
       )
   bar.close()
-  if rows:
+  if rows or skipped:
+    fields = (list(rows[0]) if rows else ["file", "name", "tokens"]) + ["error"]
     with open(out / "summary.csv", "w", newline="") as fh:
-      w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+      w = csv.DictWriter(fh, fieldnames=fields, restval="")
       w.writeheader()
       w.writerows(rows)
+      w.writerows({"file": f, "name": pathlib.Path(f).stem, "error": e} for f, e in skipped)
+  if rows:
     width = max(len(r["name"]) for r in rows)
     log(
       f"{'image':<{width}}  tokens  {crit.name:>8}  met  {crit.name + '@' + str(counts[0]):>10}  {crit.name + '@' + str(counts[-1]):>10}"
@@ -184,7 +187,10 @@ def tokenize_paths(
     log(f"wrote {grid} ({len(strips)} images)")
   if skipped:
     log(f"skipped {len(skipped)} unreadable file(s): " + ", ".join(f for f, _ in skipped))
-  log(f"wrote {out}/ (<name>.npz tokens, <name>.png reconstructions, summary.csv)")
+  if rows:
+    log(f"wrote {out}/ (<name>.npz tokens, <name>.png reconstructions, summary.csv)")
+  else:
+    log(f"no image could be read; nothing tokenized (reasons in {out}/summary.csv)")
   return rows
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+
 import numpy as np
 import pytest
 from helpers import fast_random_tokenizer
@@ -22,7 +24,7 @@ def model_dir(tmp_path_factory):
 def test_cli_writes_tokens_pictures_and_skips_unreadable_files(model_dir, tmp_path, capsys):
   """A folder with three good images, a corrupt PNG and a truncated JPEG: the good ones are
   tokenized (npz tokens of the chosen length, picture strip, table row), the bad ones are named
-  in the output and skipped, and the run still succeeds.
+  in the output and in summary.csv (with the reason) and skipped, and the run still succeeds.
 
   Breaks if one bad file aborts the run, if bad files go unreported, or if the saved tokens,
   lengths and scores disagree with the criterion and threshold.
@@ -53,7 +55,9 @@ def test_cli_writes_tokens_pictures_and_skips_unreadable_files(model_dir, tmp_pa
     assert strip.width > 9 * 64 and strip.height >= 64
     row = next(line for line in text.splitlines() if line.startswith(f"good_{i} "))
     assert int(row.split()[1]) == length
-  assert (out / "summary.csv").read_text().count("\n") == 4
+  summary = list(csv.DictReader((out / "summary.csv").open()))
+  assert [r["name"] for r in summary] == ["good_0", "good_1", "good_2", "corrupt", "truncated"]
+  assert all(r["error"] == "" for r in summary[:3]) and all(r["error"] for r in summary[3:])
   assert Image.open(tmp_path / "grid.png").height == 3 * strip.height
 
 
@@ -68,3 +72,20 @@ def test_cli_reports_missing_paths_and_models(model_dir, tmp_path, capsys):
   Image.fromarray(img).save(tmp_path / "a.png")
   assert tokenize.main([str(tmp_path), "--model", str(tmp_path / "nope")]) == 1
   assert "nope" in capsys.readouterr().err
+
+
+def test_cli_with_only_unreadable_files_fails_and_says_so(model_dir, tmp_path, capsys):
+  """Every input unreadable: exit 1, no "wrote OUT/" line, the reasons in summary.csv.
+
+  Breaks if a run that tokenized nothing reports success or claims to have written outputs.
+  """
+  src = tmp_path / "bad"
+  src.mkdir()
+  (src / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n not a png")
+  out = tmp_path / "out"
+  rc = tokenize.main([str(src), "--model", str(model_dir), "--out", str(out), "--no-progress"])
+  text = capsys.readouterr().out
+  assert rc == 1
+  assert "wrote" not in text and "nothing tokenized" in text
+  (row,) = csv.DictReader((out / "summary.csv").open())
+  assert row["name"] == "corrupt" and row["error"]
