@@ -411,7 +411,8 @@ class Tokenizer:
       halting: "off", "threshold" (mask iff p >= threshold) or "sample" (Bernoulli, keyed).
       halting_threshold: defaults to the model's (0.55 VQGAN, 0.025 VAE).
       rng: PRNG key or int seed for "sample".
-      impl: "scan" (default) or "unrolled"; identical results.
+      impl: "scan" or "unrolled"; identical results. None: the tokenizer's `impl` (default
+        `DEFAULT_IMPL`, "unrolled").
       reconstruct: decode images at every iteration.
 
     Returns:
