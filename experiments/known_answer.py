@@ -33,8 +33,9 @@ from alit_jax.models.configs import ALITConfig
 from alit_jax.train import steps
 
 
-def parse_args(argv=None):
-  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+def add_problem_flags(p: argparse.ArgumentParser) -> None:
+  """The flags of the problem, the model and the optimizer (shared with reference_trajectory.py;
+  `problem_and_config` reads them)."""
   p.add_argument("--bits", type=int, default=16)
   p.add_argument("--grid", type=int, default=16, help="side of the base code map")
   p.add_argument("--tokens", type=int, default=8, help="latent tokens per iteration")
@@ -49,6 +50,18 @@ def parse_args(argv=None):
     "--continuous): a capacity bound of latent_capacity_bits per token",
   )
   p.add_argument("--commitment", type=float, default=0.25, help="quantizer commitment weight")
+  p.add_argument("--width", type=int, default=64)
+  p.add_argument("--layers", type=int, default=2)
+  p.add_argument("--batch-size", type=int, default=16)
+  p.add_argument("--lr", type=float, default=1e-3)
+  p.add_argument("--warmup-steps", type=int, default=50)
+  p.add_argument("--steps", type=int, default=300, help="optimizer steps (also the cosine length)")
+  p.add_argument("--seed", type=int, default=0)
+
+
+def parse_args(argv=None):
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+  add_problem_flags(p)
   p.add_argument(
     "--commitment-switch",
     default="",
@@ -61,14 +74,7 @@ def parse_args(argv=None):
     default=1.0,
     help="probe: multiply decoder_embed's kernel at init (its output is ~0.02 sqrt(width))",
   )
-  p.add_argument("--width", type=int, default=64)
-  p.add_argument("--layers", type=int, default=2)
-  p.add_argument("--batch-size", type=int, default=16)
-  p.add_argument("--lr", type=float, default=1e-3)
-  p.add_argument("--warmup-steps", type=int, default=50)
-  p.add_argument("--steps", type=int, default=300)
   p.add_argument("--log-every", type=int, default=25)
-  p.add_argument("--seed", type=int, default=0)
   p.add_argument(
     "--probe-patterns", type=int, default=512, help="held-out bit patterns (x4 noise draws each)"
   )

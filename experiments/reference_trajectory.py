@@ -76,6 +76,7 @@ import types
 import warnings
 
 import _common  # noqa: F401  (puts the repository on sys.path)
+import known_answer  # the sibling script: the problem, model and optimizer flags
 import numpy as np
 
 TERMS = ("nll", "code", "quant")  # per-iteration loss terms compared
@@ -89,28 +90,7 @@ def parse_args(argv=None):
     metavar="JSON",
     help="recompute the summary of a written JSON from its rows (its own flags), no training",
   )
-  p.add_argument("--bits", type=int, default=16)
-  p.add_argument("--grid", type=int, default=16, help="side of the base code map")
-  p.add_argument("--tokens", type=int, default=8, help="latent tokens per iteration")
-  p.add_argument("--codes", type=int, default=2, help="latent codebook size")
-  p.add_argument("--iters", type=int, default=2, help="rollout iterations")
-  p.add_argument("--continuous", action="store_true", help="unquantized latents")
-  p.add_argument(
-    "--noise-std",
-    type=float,
-    default=0.0,
-    help="continuous latents through a noisy channel (implies --continuous): JAX sets "
-    "ALITConfig.latent_noise_std; torch gets the same channel from a forward hook on the module "
-    "whose output its decoder reads (l2-normalised, + std * N(0, I) in training)",
-  )
-  p.add_argument("--commitment", type=float, default=0.25, help="quantizer commitment weight")
-  p.add_argument("--width", type=int, default=64)
-  p.add_argument("--layers", type=int, default=2)
-  p.add_argument("--batch-size", type=int, default=16)
-  p.add_argument("--lr", type=float, default=1e-3)
-  p.add_argument("--warmup-steps", type=int, default=50)
-  p.add_argument("--steps", type=int, default=300, help="optimizer steps (also the cosine length)")
-  p.add_argument("--seed", type=int, default=0)
+  known_answer.add_problem_flags(p)
   p.add_argument("--compare-steps", type=int, default=25, help="steps of the agreement check")
   p.add_argument(
     "--tol",
@@ -335,14 +315,11 @@ def run(args) -> dict:
   import torch
 
   from alit_jax.analysis import known_answer as ka
-  from alit_jax.models import rollout as rollout_lib
   from alit_jax.models.alit import ALIT
   from alit_jax.train import steps
 
   torch.set_num_threads(args.threads)
   ref = import_reference(pathlib.Path(args.reference_dir).resolve())
-
-  import known_answer  # the sibling script: the problem and model its flags describe
 
   problem, cfg = known_answer.problem_and_config(args)
   n_it, t = cfg.max_rollout_iters, cfg.num_latent_tokens
@@ -376,14 +353,10 @@ def run(args) -> dict:
       lambda mod, inp, out: captured.append(out[1]["min_encoding_indices"].numpy().copy())
     )
 
-  @jax.jit
+  rollout_j = ka.make_rollout(model_j, impl=ka.SPEC.impl)
+
   def jax_indices(params, base_out):
-    n = base_out["gt_indices"].shape[0]
-    v = {"params": params}
-    x = jnp.zeros((n, cfg.image_size, cfg.image_size, 3), jnp.float32)
-    img = model_j.apply(v, x, base_out["base_features"], method=ALIT.embed_images)
-    targets = {k: base_out[k] for k in ("gt_indices", "codebook")}
-    return rollout_lib.alit_rollout(model_j, v, img, targets, impl=ka.SPEC.impl)["quant_indices"]
+    return rollout_j(params, base_out)["quant_indices"]
 
   print(
     f"config: grid {args.grid}, {t} tokens x {args.codes} codes, {n_it} iterations, "
@@ -510,7 +483,6 @@ def same_weights_check(args, ref, cfg, codebook, hp, model_t, params_j, target, 
 
   from alit_jax.analysis import known_answer as ka
   from alit_jax.convert import mapping
-  from alit_jax.models import rollout as rollout_lib
   from alit_jax.models.alit import ALIT
   from alit_jax.train import steps
 
@@ -525,14 +497,10 @@ def same_weights_check(args, ref, cfg, codebook, hp, model_t, params_j, target, 
   base_out = {k: jnp.asarray(v) for k, v in batch.items()}
   imgs = torch.zeros(args.check_batch, 3, cfg.image_size, cfg.image_size)
 
-  @jax.jit
+  rollout_j = ka.make_rollout(model_j, impl=ka.SPEC.impl)
+
   def jax_indices(params, base_out):
-    n = base_out["gt_indices"].shape[0]
-    v = {"params": params}
-    x = jnp.zeros((n, cfg.image_size, cfg.image_size, 3), jnp.float32)
-    img = model_j.apply(v, x, base_out["base_features"], method=ALIT.embed_images)
-    targets = {k: base_out[k] for k in ("gt_indices", "codebook")}
-    return rollout_lib.alit_rollout(model_j, v, img, targets, impl=ka.SPEC.impl)["quant_indices"]
+    return rollout_j(params, base_out)["quant_indices"]
 
   key = "decoder.latent_token_positional_embedding"
   sd_t = {k: v.detach().clone() for k, v in model_t.state_dict().items()}

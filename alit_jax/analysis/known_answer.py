@@ -167,12 +167,13 @@ def _entropy_bits(rows: np.ndarray) -> float:
   return float(-(q * np.log2(q)).sum()) + 0.0  # no -0.0
 
 
-def make_rollout(model: ALIT):
+def make_rollout(model: ALIT, impl: str = "unrolled"):
   """A jitted `(params, base_out) -> {"nll": (N,), "quant_indices": (N, B, L)}`, halting off.
 
   `nll` is the mean per-position NLL (nats) of every iteration; `quant_indices` only when the
-  latent is quantized. With `latent_noise_std` > 0 the latents go through the noisy channel (a
-  fixed key), so the NLL is the one the capacity bound applies to.
+  latent is quantized; `impl` is the rollout implementation. With `latent_noise_std` > 0 the
+  latents go through the noisy channel (a fixed key), so the NLL is the one the capacity bound
+  applies to.
   """
   c = model.config
 
@@ -184,7 +185,7 @@ def make_rollout(model: ALIT):
     img = model.apply(v, x, base_out["base_features"], method=ALIT.embed_images)
     targets = {k: base_out[k] for k in ("gt_indices", "codebook")}
     noise = jax.random.key(0) if c.latent_noise_std > 0 else None
-    out = rollout_lib.alit_rollout(model, v, img, targets, impl="unrolled", noise_rng=noise)
+    out = rollout_lib.alit_rollout(model, v, img, targets, impl=impl, noise_rng=noise)
     logp = jax.nn.log_softmax(out["logits"].astype(jnp.float32), axis=-1)
     gt = jnp.broadcast_to(targets["gt_indices"][None, ..., None], logp.shape[:-1] + (1,))
     res = {"nll": -jnp.take_along_axis(logp, gt, -1)[..., 0].mean(axis=(1, 2))}
