@@ -333,12 +333,11 @@ class ALIT(nn.Module):
         codebook_loss=aux["codebook_loss"],
         quantizer_loss=aux["quantizer_loss"],
       )
-    elif c.latent_noise_std > 0:
-      f = l2_normalize(f)
-      if noise_key is not None:
-        f = f + c.latent_noise_std * jax.random.normal(noise_key, f.shape, f.dtype)
-      out["decoder_input"] = f
     else:
+      if c.latent_noise_std > 0:
+        f = l2_normalize(f)
+        if noise_key is not None:
+          f = f + c.latent_noise_std * jax.random.normal(noise_key, f.shape, f.dtype)
       out["decoder_input"] = f
     return out
 
