@@ -69,6 +69,13 @@ def parse_args(argv=None):
     help="from STEP on, train with commitment weight VALUE (a two-phase schedule)",
   )
   p.add_argument(
+    "--noise-switch",
+    default="",
+    metavar="STEP:STD",
+    help="from STEP on, train with channel noise STD (e.g. --noise-std 0.001 --noise-switch "
+    "1250:0.8: l2-normalised, nearly noiseless latents first, then the bottleneck)",
+  )
+  p.add_argument(
     "--decoder-embed-scale",
     type=float,
     default=1.0,
@@ -134,21 +141,35 @@ def run(args) -> dict:
     switch_at = int(at)
     late = ALIT(dataclasses.replace(cfg, commitment_cost=float(value)))
     late_step = ka.make_train_step(late, hp)
+  if args.noise_switch:
+    if args.commitment_switch or args.noise_std <= 0:
+      raise SystemExit("--noise-switch needs --noise-std > 0 and no --commitment-switch")
+    at, value = args.noise_switch.split(":")
+    switch_at = int(at)
+    late = ALIT(dataclasses.replace(cfg, latent_noise_std=float(value)))
+    late_step = ka.make_train_step(late, hp)
+    per_token_late = late.config.latent_capacity_bits
   state = steps.init_train_state(params, ka.SPEC)
   rng = np.random.default_rng(args.seed)
   codebook = problem.codebook(args.seed)
   probe, bits = ka.probe_set(problem, codebook, args.probe_patterns, REDRAWS, 10_000 + args.seed)
   usage_set = {k: v[:64] if k != "codebook" else v for k, v in probe.items()}
   rollout = ka.make_rollout(model)
+  late_rollout = ka.make_rollout(late) if args.noise_switch else rollout
   per_token = math.log2(args.codes) if cfg.quantize_latent else cfg.latent_capacity_bits
   bounds = [ka.nll_bound(args.bits, args.tokens * (i + 1) * per_token) for i in range(args.iters)]
   print(f"information bound per iteration (nats/position): {[round(b, 3) for b in bounds]}")
+  if args.noise_switch:
+    late_bounds = [
+      ka.nll_bound(args.bits, args.tokens * (i + 1) * per_token_late) for i in range(args.iters)
+    ]
+    print(f"after the noise switch: {[round(b, 3) for b in late_bounds]}")
   rows, t0 = [], time.time()
   for s in range(args.steps + 1):
     row = None
     if s % args.log_every == 0 or s == args.steps:
       row = dict(step=s, **ka.code_usage(model, state["params"], usage_set))
-      ev = rollout(state["params"], probe)
+      ev = (rollout if s < switch_at else late_rollout)(state["params"], probe)
       row["heldout_nll"] = [float(v) for v in ev["nll"]]
       if "quant_indices" in ev:
         row["codes"] = ka.code_information(ev["quant_indices"], bits, args.tokens, REDRAWS)

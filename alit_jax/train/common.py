@@ -110,15 +110,23 @@ def build_model_config(model_cfg: ml_collections.ConfigDict) -> model_configs.Mo
   name = model_cfg.name
   kw = dict(quantize_latent=model_cfg.quantize_latent, factorize_latent=model_cfg.factorize_latent)
   size = {k: model_cfg.get(k) for k in ("image_size", "patch_size") if model_cfg.get(k) is not None}
+  # Not the reference's: a noisy channel after continuous latents (ALITConfig.latent_noise_std).
+  extra = (
+    {"latent_noise_std": model_cfg.latent_noise_std} if model_cfg.get("latent_noise_std") else {}
+  )
   if name == "test":
     test = dict(model_cfg.get("test", {}))
     test.update(size)
     label = test.pop("name", None)  # e.g. "alit_demo": the name the exported model reports
     config = model_configs.tiny_config(model_cfg.base, **kw, **test)
-    return dataclasses.replace(config, name=label) if label else config
-  config = model_configs.named_config(name, model_cfg.base, **kw)
-  if size:
-    config = dataclasses.replace(config, alit=dataclasses.replace(config.alit, **size))
+    if label:
+      config = dataclasses.replace(config, name=label)
+  else:
+    config = model_configs.named_config(name, model_cfg.base, **kw)
+    if size:
+      config = dataclasses.replace(config, alit=dataclasses.replace(config.alit, **size))
+  if extra:
+    config = dataclasses.replace(config, alit=dataclasses.replace(config.alit, **extra))
   return config
 
 
