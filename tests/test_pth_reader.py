@@ -19,7 +19,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from alit_jax.convert import pth
+from alit_jax.convert import pth, torch_pickle
 from alit_jax.convert.pth import (
   CheckpointReadError,
   UnsafePickleError,
@@ -499,7 +499,7 @@ def test_build_cannot_rewire_allowlisted_objects(tmp_path):
   Fails if a crafted pickle can set attributes on the reader's own functions or classes
   (e.g. swap the implementation behind torch._utils._rebuild_tensor_v2 for later loads).
   """
-  target = pth.ALLOWED_GLOBALS[("torch._utils", "_rebuild_tensor_v2")]
+  target = torch_pickle.ALLOWED_GLOBALS[("torch._utils", "_rebuild_tensor_v2")]
   fn_before = target._fn
   attacks = [
     # GLOBAL rebuild_tensor_v2; (None, {'_fn': 1}) ; BUILD
@@ -515,7 +515,7 @@ def test_build_cannot_rewire_allowlisted_objects(tmp_path):
       read_checkpoint(tmp_path / f"b{i}.pkl")
   assert target._fn is fn_before
   assert "__setstate__" in vars(pth.PickledNamespace)
-  assert pth.ALLOWED_GLOBALS[("torch", "float32")].np_dtype == np.float32
+  assert torch_pickle.ALLOWED_GLOBALS[("torch", "float32")].np_dtype == np.float32
   (tmp_path / "ok.pkl").write_bytes(pickle.dumps(argparse.Namespace(a=1), protocol=2))
   assert read_checkpoint(tmp_path / "ok.pkl") == {"a": 1}
 
