@@ -66,7 +66,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model = ml_collections.ConfigDict(VARIANTS["test" if a.runlocal else a.variant])
 
   # restart_dead_codes_every_steps > 0: codes no feature of the batch chose move onto random
-  # encoder features every that many steps (not in taming; see gan_steps.VQGANTask).
+  # encoder features every that many steps (not in taming; see gan_tasks.VQGANTask).
   c.vq = ml_collections.ConfigDict(
     dict(beta=0.25, codebook_weight=1.0, restart_dead_codes_every_steps=0)
   )

@@ -33,6 +33,7 @@ from alit_jax.train import (
   export,
   gan_stage,
   gan_steps,
+  gan_tasks,
   sharding,
   steps,
   trainer,
@@ -142,8 +143,8 @@ def test_vq_loss_legacy_form_and_straight_through():
   z = jnp.asarray(rng.normal(size=(2, 3, 4)), jnp.float32)
   zq = jnp.asarray(rng.normal(size=(2, 3, 4)), jnp.float32)
   mse = float(np.mean((np.asarray(z) - np.asarray(zq)) ** 2))
-  np.testing.assert_allclose(gan_steps.vq_loss(z, zq, 0.25), 1.25 * mse, rtol=1e-6)
-  gz, gq = jax.grad(gan_steps.vq_loss, argnums=(0, 1))(z, zq, 0.25)
+  np.testing.assert_allclose(gan_tasks.vq_loss(z, zq, 0.25), 1.25 * mse, rtol=1e-6)
+  gz, gq = jax.grad(gan_tasks.vq_loss, argnums=(0, 1))(z, zq, 0.25)
   np.testing.assert_allclose(gz, 2 * (z - zq) / z.size, rtol=1e-5)
   np.testing.assert_allclose(gq, 0.25 * 2 * (zq - z) / z.size, rtol=1e-5)
 
@@ -152,7 +153,7 @@ def _tiny_vqgan_task(**kw):
   cfg = model_configs.VQGANConfig(
     ch=32, ch_mult=(1, 2), num_res_blocks=1, z_channels=8, embed_dim=8, n_embed=16, resolution=32
   )
-  return gan_steps.VQGANTask(VQGAN(cfg), **kw)
+  return gan_tasks.VQGANTask(VQGAN(cfg), **kw)
 
 
 def _random_lpips(seed=0):
@@ -207,8 +208,8 @@ def test_generator_step_equals_brute_force_autodiff():
     True,
     True,
   )
-  d_params = gan_steps.take(state["disc_params"], 1)
-  d_stats = gan_steps.take(state["disc_batch_stats"], 1)
+  d_params = gan_tasks.take(state["disc_params"], 1)
+  d_stats = gan_tasks.take(state["disc_batch_stats"], 1)
 
   @functools.partial(jax.jit, compiler_options=FAST)
   def brute_force(params, dp):
@@ -240,7 +241,7 @@ def test_generator_step_equals_brute_force_autodiff():
     scale = np.abs(v).max() + 1e-12
     np.testing.assert_allclose(got[k] / 0.1, v, rtol=0, atol=2e-4 * scale, err_msg=k)
   # Quirk: D_1 moved by the generator's AdamW along d_weight * dg/dD; D_0 untouched.
-  got = _leaves(gan_steps.take(new["gen_disc_opt_state"][0].mu, 1))
+  got = _leaves(gan_tasks.take(new["gen_disc_opt_state"][0].mu, 1))
   for k, v in _leaves(want_dgrads).items():
     scale = np.abs(v).max() + 1e-12
     np.testing.assert_allclose(got[k] / 0.1, v, rtol=0, atol=2e-4 * scale, err_msg=k)
@@ -275,7 +276,7 @@ def test_generator_step_equals_brute_force_autodiff():
 def dataclasses_replace_iters(task, n):
   """A VQGANTask stand-in with `n` stacked discriminators (to test indexing by iteration)."""
 
-  class Multi(gan_steps.VQGANTask):
+  class Multi(gan_tasks.VQGANTask):
     num_iters = n
 
   return Multi(task.base, task.beta, task.codebook_weight)
@@ -339,7 +340,7 @@ def test_alit_task_reconstructs_one_iteration_through_the_soft_code():
   """
   mc = model_configs.tiny_config()
   model, base = ALIT(mc.alit), build_base(mc.base)
-  task = gan_steps.ALITTask(model, base, halting=rollout_lib.Halting("off"))
+  task = gan_tasks.ALITTask(model, base, halting=rollout_lib.Halting("off"))
   params = jax.jit(task.init_params, compiler_options=FAST)(jax.random.key(0))
   x = jnp.asarray(np.random.default_rng(0).uniform(size=(2, 64, 64, 3)), jnp.float32)
 
@@ -536,8 +537,8 @@ def test_converted_full_finetuning_checkpoint_restores_gan_losses(tmp_path):
   for i in range(n):
     got = mapping.tree_to_state_dict(
       {
-        "params": gan_steps.take(state["disc_params"], i),
-        "batch_stats": gan_steps.take(state["disc_batch_stats"], i),
+        "params": gan_tasks.take(state["disc_params"], i),
+        "batch_stats": gan_tasks.take(state["disc_batch_stats"], i),
       }
     )
     assert set(got) == {k for k in disc_keys if "num_batches" not in k}
@@ -716,22 +717,22 @@ def test_dead_code_restart_moves_only_unused_codes():
   schedule.
   """
   cfg = gan_stage.vqgan_model_config(vqgan_train.get_config("runlocal").model)
-  task = gan_steps.VQGANTask(VQGAN(cfg, jnp.float32), restart_dead_codes_every=3)
+  task = gan_tasks.VQGANTask(VQGAN(cfg, jnp.float32), restart_dead_codes_every=3)
   params = task.init_params(jax.random.key(0))
   x = jnp.asarray(np.random.default_rng(0).random((2, 64, 64, 3)), jnp.float32)
   z = task.base.apply({"params": params["base"]}, x, method=lambda m, v: m.encoder(v))
   z = np.asarray(z).reshape(-1, z.shape[-1])
-  cb = np.asarray(gan_steps.tree_get(params, gan_steps.CODEBOOK)).copy()
+  cb = np.asarray(gan_tasks.tree_get(params, gan_tasks.CODEBOOK)).copy()
   cb[0] = z.mean(0)  # the only live code: every other one is far from all features
   cb[1:] = 1e3 + np.arange(1, cb.shape[0])[:, None]
-  params = gan_steps.tree_set(params, gan_steps.CODEBOOK, jnp.asarray(cb))
+  params = gan_tasks.tree_set(params, gan_tasks.CODEBOOK, jnp.asarray(cb))
   state = {"params": params, "ema_params": params}
   root = jax.random.key(1)
   off = task.restart_dead_codes(state, x, root, jnp.int32(0))
-  np.testing.assert_array_equal(gan_steps.tree_get(off["params"], gan_steps.CODEBOOK), cb)
+  np.testing.assert_array_equal(gan_tasks.tree_get(off["params"], gan_tasks.CODEBOOK), cb)
   on = task.restart_dead_codes(state, x, root, jnp.int32(2))
   for name in ("params", "ema_params"):
-    new = np.asarray(gan_steps.tree_get(on[name], gan_steps.CODEBOOK))
+    new = np.asarray(gan_tasks.tree_get(on[name], gan_tasks.CODEBOOK))
     np.testing.assert_array_equal(new[0], cb[0])
     dist = ((new[1:, None, :] - z[None]) ** 2).sum(-1).min(1)
     np.testing.assert_allclose(dist, 0.0, atol=1e-8)

@@ -42,7 +42,7 @@ from alit_jax.losses.discriminator import NLayerDiscriminator
 from alit_jax.models import configs as model_configs
 from alit_jax.models.alit import ALIT
 from alit_jax.models.base_tokenizers import VQGAN, build_base
-from alit_jax.train import checkpoints, common, gan_steps, optim, sharding, steps
+from alit_jax.train import checkpoints, common, gan_steps, gan_tasks, optim, sharding, steps
 
 LPIPS_DIR = "lpips"
 FINETUNE = "full_finetuning"
@@ -149,7 +149,7 @@ class GanStage:
       self._write_base_description(base_cfg)
       self.model_config = None
       self.base_config = base_cfg
-      self.task = gan_steps.VQGANTask(
+      self.task = gan_tasks.VQGANTask(
         VQGAN(base_cfg, dtype),
         beta=float(config.vq.beta),
         codebook_weight=float(config.vq.codebook_weight),
@@ -178,7 +178,7 @@ class GanStage:
       self.model_config = model_config
       self.base_config = model_config.base
       a = model_config.alit
-      self.task = gan_steps.ALITTask(
+      self.task = gan_tasks.ALITTask(
         ALIT(a, dtype=dtype),
         build_base(model_config.base, dtype=dtype),
         halting=common.halting_from_config(config, a),
