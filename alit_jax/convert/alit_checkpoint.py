@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from alit_jax.convert import mapping
+from alit_jax.models import init as init_lib
 from alit_jax.models.alit import ALIT
 from alit_jax.models.base_tokenizers import build_base
 from alit_jax.models.configs import (
@@ -248,14 +249,13 @@ def abstract_variables(config: ModelConfig) -> dict[str, Any]:
   """`jax.eval_shape` trees `{"alit": ..., "base": ...}` for a config (nothing is allocated)."""
   alit = ALIT(config.alit)
   base = build_base(config.base)
-  s = config.alit.image_size
-  images = jax.ShapeDtypeStruct((1, s, s, 3), jnp.float32)
-  g = config.alit.grid_size
-  feats = jax.ShapeDtypeStruct((1, g, g, config.alit.base_embed_dim), jnp.float32)
   key = jax.random.key(0)
+  # The dummy inputs are built inside eval_shape: traced, never allocated.
   return {
-    "alit": jax.eval_shape(alit.init, key, images, feats),
-    "base": jax.eval_shape(base.init, key, images),
+    "alit": jax.eval_shape(lambda k: alit.init(k, *init_lib.dummy_inputs(config.alit)), key),
+    "base": jax.eval_shape(
+      lambda k: base.init(k, init_lib.dummy_images(config.alit.image_size)), key
+    ),
   }
 
 

@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from alit_jax.models import init as init_lib
 from alit_jax.models import rollout as rollout_lib
 from alit_jax.models.alit import ALIT
 from alit_jax.models.base_tokenizers import VAE, VQGAN
@@ -108,10 +109,7 @@ def hparams(**values: float) -> dict[str, jax.Array]:
 
 def init_params(model: ALIT, rng: jax.Array) -> Any:
   """Fresh ALIT params (reference initialisation scales), float32."""
-  c = model.config
-  images = jnp.zeros((1, c.image_size, c.image_size, 3), jnp.float32)
-  feats = jnp.zeros((1, c.grid_size, c.grid_size, c.base_embed_dim), jnp.float32)
-  return model.init(rng, images, feats)["params"]
+  return model.init(rng, *init_lib.dummy_inputs(model.config))["params"]
 
 
 def create_train_state(rng: jax.Array, model: ALIT, spec: Stage1Spec) -> dict[str, Any]:
