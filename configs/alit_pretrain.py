@@ -64,6 +64,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model.quantize_latent = a.quantized
   c.model.factorize_latent = a.factorized
   c.model.latent_noise_std = 0.0  # not the reference: > 0 adds a noisy channel (continuous only)
+  c.model.latent_locality = 0.0  # not the reference: > 0 gives latent slots grid regions
   c.model.test = ml_collections.ConfigDict(
     dict(image_size=64, width=64, layers=1, heads=2, tokens=4, iterations=3)
   )

@@ -50,6 +50,13 @@ def add_problem_flags(p: argparse.ArgumentParser) -> None:
     "--continuous): a capacity bound of latent_capacity_bits per token",
   )
   p.add_argument("--commitment", type=float, default=0.25, help="quantizer commitment weight")
+  p.add_argument(
+    "--locality",
+    type=float,
+    default=0.0,
+    help="ALITConfig.latent_locality (not the reference's; 0 = off): slot <-> grid attention "
+    "bias -d^2/(2 sigma^2), sigma in grid cells",
+  )
   p.add_argument("--width", type=int, default=64)
   p.add_argument("--layers", type=int, default=2)
   p.add_argument("--batch-size", type=int, default=16)
@@ -119,6 +126,7 @@ def problem_and_config(args) -> tuple[ka.Problem, ALITConfig]:
     quantize_latent=not (args.continuous or args.noise_std > 0),
     latent_noise_std=args.noise_std,
     commitment_cost=args.commitment,
+    latent_locality=args.locality,
   )
   return problem, cfg
 

@@ -721,6 +721,8 @@ def main(argv=None) -> None:
     return resummarize(pathlib.Path(args.resummarize))
   if not args.reference_dir:
     raise SystemExit("--reference-dir is required")
+  if args.locality:
+    raise SystemExit("--locality is alit-jax's option only: the reference has no such bias")
   if args.threads == 1 and "XLA_FLAGS" not in os.environ:  # before JAX starts its backend
     os.environ["XLA_FLAGS"] = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
   out = pathlib.Path(args.out)

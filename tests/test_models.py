@@ -168,3 +168,43 @@ def test_vqgan_small_model_options():
   np.testing.assert_allclose(feats(signed, x), feats(ref, 2 * x - 1), rtol=1e-6, atol=1e-6)
   grouped = VQGAN(VQGANConfig(resolution=32, norm_groups=8, **base))
   assert np.abs(feats(grouped, x) - feats(ref, x)).max() > 1e-3
+
+
+def test_locality_bias_layout_and_both_rollouts():
+  """`latent_locality` (not in the reference) biases slot <-> grid attention, nothing else.
+
+  Breaks if the bias rows/columns are off by the class token, a slot's nearest grid cell is not
+  in its own tile, later iterations' slots do not reuse the first iteration's tiles, the bias
+  is sliced differently by the scan (fixed 1+n+L buffer) and the unrolled (growing) rollout, or
+  the option silently does nothing.
+  """
+  from alit_jax.models.alit import locality_bias
+
+  plain_cfg = tiny_config(base="vqgan")
+  cfg = dataclasses.replace(
+    plain_cfg, alit=dataclasses.replace(plain_cfg.alit, latent_locality=1.0)
+  )
+  a = cfg.alit
+  n, t, g = a.num_image_tokens, a.num_latent_tokens, a.grid_size
+  bias = locality_bias(a)
+  assert bias.shape == (1 + n + a.max_latent_tokens,) * 2
+  np.testing.assert_array_equal(bias[0], 0)  # class token
+  np.testing.assert_array_equal(bias[1 : n + 1, 1 : n + 1], 0)  # grid <-> grid
+  np.testing.assert_array_equal(bias[n + 1 :, n + 1 :], 0)  # slot <-> slot
+  np.testing.assert_array_equal(bias[1 : n + 1, n + 1 :], bias[n + 1 :, 1 : n + 1].T)
+  slot_to_grid = bias[n + 1 :, 1 : n + 1]
+  assert (slot_to_grid <= 0).all() and slot_to_grid.min() < -1
+  np.testing.assert_array_equal(slot_to_grid[:t], slot_to_grid[t : 2 * t])
+  best = slot_to_grid[:t].argmax(1)  # each slot's nearest cell: distinct tiles, all covered
+  rows = max(r for r in range(1, int(np.sqrt(t)) + 1) if t % r == 0)
+  tile = (best // g) * rows // g * (t // rows) + (best % g) * (t // rows) // g
+  np.testing.assert_array_equal(tile, np.arange(t))
+
+  x = _images()
+  tok = fast_random_tokenizer(cfg, seed=1)
+  scan = tok.rollout(x, halting="off", impl="scan", reconstruct=False)
+  unrolled = tok.rollout(x, halting="off", impl="unrolled", reconstruct=False)
+  np.testing.assert_allclose(scan["logits"], unrolled["logits"], atol=5e-5, rtol=5e-5)
+  off = Tokenizer(plain_cfg, tok.variables)
+  plain = off.rollout(x, halting="off", impl="scan", reconstruct=False)
+  assert np.abs(np.asarray(plain["logits"]) - np.asarray(scan["logits"])).max() > 1e-3

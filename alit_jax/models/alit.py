@@ -10,11 +10,13 @@ The module only defines the pieces; the recurrent rollout that strings them toge
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from alit_jax.models.configs import ALITConfig
 from alit_jax.models.init_rules import DENSE_INIT, codebook_init, embedding_init
@@ -137,6 +139,7 @@ class LatentDecoder(nn.Module):
     mask_tokens: jax.Array,
     latent_valid: jax.Array | None = None,
     return_weights: bool = False,
+    attn_bias: jax.Array | None = None,
   ):
     """Decodes.
 
@@ -145,6 +148,7 @@ class LatentDecoder(nn.Module):
       mask_tokens: (257, W) or (B, 257, W) `[class, 256 mask tokens] + positional embedding`.
       latent_valid: optional bool (B, L) or (L,); False latent slots are masked out as keys.
       return_weights: also return every layer's (B, S, S) attention weights.
+      attn_bias: optional (257 + L, 257 + L) additive attention bias (`locality_bias`).
 
     Returns:
       (B, 256, output_dim) float32 (VQGAN logits or VAE codes) [, list of weights].
@@ -167,14 +171,44 @@ class LatentDecoder(nn.Module):
     weights = []
     for block in self.transformer:
       if return_weights:
-        x, w = block(x, key_mask, return_weights=True)
+        x, w = block(x, key_mask, return_weights=True, attn_bias=attn_bias)
         weights.append(w)
       else:
-        x = block(x, key_mask)
+        x = block(x, key_mask, attn_bias=attn_bias)
     x = self.ln_post(x[:, 1:n_q])
     x = jnp.tanh(self.ffn_0(x).astype(jnp.float32))
     x = self.ffn_2(x).astype(jnp.float32)
     return (x, weights) if return_weights else x
+
+
+def locality_bias(config: ALITConfig) -> np.ndarray:
+  """The additive attention bias of `ALITConfig.latent_locality` (not in the reference).
+
+  Both transformers lay their sequence out as `[class, grid positions 0..n-1, latent slots]`, so
+  one matrix serves the encoder (image tokens) and the decoder (mask tokens). Slot s (of any
+  iteration) owns tile `s % num_latent_tokens` of a rows x cols tiling of the g x g grid (rows x
+  cols = num_latent_tokens, as square as it divides); between the slot and grid position p the
+  bias is `-d^2 / (2 sigma^2)`, d the distance in cells from p to the tile's centre, sigma =
+  `latent_locality`. Everything else (class token, slot-slot, position-position) gets 0.
+
+  Returns:
+    (1 + n + max_latent_tokens, same) float32.
+  """
+  c = config
+  g, t, n = c.grid_size, c.num_latent_tokens, c.num_image_tokens
+  rows = max(r for r in range(1, int(math.isqrt(t)) + 1) if t % r == 0)
+  cols = t // rows
+  j = np.arange(c.max_latent_tokens) % t
+  cy = (j // cols + 0.5) * g / rows - 0.5
+  cx = (j % cols + 0.5) * g / cols - 0.5
+  py, px = np.divmod(np.arange(n), g)
+  d2 = (py[:, None] - cy[None]) ** 2 + (px[:, None] - cx[None]) ** 2  # (n, slots)
+  grid_to_slot = -d2 / (2 * c.latent_locality**2)
+  s = 1 + n + c.max_latent_tokens
+  bias = np.zeros((s, s), np.float32)
+  bias[1 : n + 1, n + 1 :] = grid_to_slot
+  bias[n + 1 :, 1 : n + 1] = grid_to_slot.T
+  return bias
 
 
 class ALIT(nn.Module):
@@ -300,7 +334,12 @@ class ALIT(nn.Module):
 
   def encode(self, x: jax.Array, key_mask: jax.Array | None = None) -> jax.Array:
     """One pass of the encoder transformer over the whole sequence (B, S, W)."""
-    return self.encoder(x, key_mask).astype(jnp.float32)
+    return self.encoder(x, key_mask, attn_bias=self._locality(x.shape[1])).astype(jnp.float32)
+
+  def _locality(self, length: int) -> jax.Array | None:
+    if self.config.latent_locality <= 0:
+      return None
+    return jnp.asarray(locality_bias(self.config)[:length, :length])
 
   def latent_head(
     self,
@@ -358,8 +397,13 @@ class ALIT(nn.Module):
     return_weights: bool = False,
   ):
     """Decoder output for the 2D positions: (B, 256, n_embed) logits or (B, 256, E) codes."""
+    bias = self._locality(self.config.num_image_tokens + 1 + decoder_input.shape[1])
     return self.decoder(
-      decoder_input, self.decoder_queries(), latent_valid, return_weights=return_weights
+      decoder_input,
+      self.decoder_queries(),
+      latent_valid,
+      return_weights=return_weights,
+      attn_bias=bias,
     )
 
   def tokens_to_decoder_input(self, tokens: jax.Array) -> jax.Array:

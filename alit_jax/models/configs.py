@@ -103,8 +103,17 @@ class ALITConfig:
   # (`latent_capacity_bits`); without a noise key (inference) it reads the normalised latent.
   # For the known-answer test of the recurrence (`analysis/known_answer.py`).
   latent_noise_std: float = 0.0
+  # Not in the reference (0 = off). Latent slot j of every iteration is given a region of the
+  # grid (one of `num_latent_tokens` tiles): attention between that slot and grid position p, in
+  # the encoder (image tokens) and the decoder (mask tokens), gets the additive bias
+  # -d(p, centre_j)^2 / (2 latent_locality^2), d in grid cells (`alit.locality_bias`). A prior
+  # against slots that all read the same global average; no parameters, so checkpoints convert
+  # the same.
+  latent_locality: float = 0.0
 
   def __post_init__(self):
+    if self.latent_locality < 0:
+      raise ValueError(f"latent_locality={self.latent_locality}: must be >= 0 (0: off)")
     if self.latent_noise_std < 0 or (self.latent_noise_std > 0 and self.quantize_latent):
       raise ValueError(
         f"latent_noise_std={self.latent_noise_std}: must be >= 0, and > 0 only with continuous "

@@ -99,7 +99,11 @@ class MultiheadAttention(nn.Module):
 
   @nn.compact
   def __call__(
-    self, x: jax.Array, key_mask: jax.Array | None = None, return_weights: bool = False
+    self,
+    x: jax.Array,
+    key_mask: jax.Array | None = None,
+    return_weights: bool = False,
+    attn_bias: jax.Array | None = None,
   ) -> jax.Array | tuple[jax.Array, jax.Array]:
     """Attends every token to every (unmasked) token.
 
@@ -108,6 +112,8 @@ class MultiheadAttention(nn.Module):
       key_mask: optional bool (B, L) or (L,); False keys receive no attention.
       return_weights: also return the head-averaged attention weights (B, L, L), as PyTorch's
         `need_weights=True` does.
+      attn_bias: optional float (L, L) added to every head's logits (not in the reference:
+        `ALITConfig.latent_locality`).
 
     Returns:
       (B, L, W) outputs, and the weights if requested.
@@ -124,6 +130,8 @@ class MultiheadAttention(nn.Module):
     k = jnp.transpose(k.reshape(b, length, self.heads, hd), (0, 2, 3, 1))
     v = jnp.transpose(v.reshape(b, length, self.heads, hd), (0, 2, 1, 3))
     logits = jnp.matmul(q, k).astype(jnp.float32)  # (B, H, L, L)
+    if attn_bias is not None:
+      logits = logits + attn_bias.astype(jnp.float32)
     if key_mask is not None:
       key_mask = jnp.broadcast_to(key_mask, (b, length)) if key_mask.ndim == 1 else key_mask
       logits = jnp.where(key_mask[:, None, None, :], logits, jnp.finfo(jnp.float32).min)
@@ -160,10 +168,14 @@ class ResidualAttentionBlock(nn.Module):
 
   @nn.compact
   def __call__(
-    self, x: jax.Array, key_mask: jax.Array | None = None, return_weights: bool = False
+    self,
+    x: jax.Array,
+    key_mask: jax.Array | None = None,
+    return_weights: bool = False,
+    attn_bias: jax.Array | None = None,
   ) -> jax.Array | tuple[jax.Array, jax.Array]:
     attn = MultiheadAttention(self.width, self.heads, dtype=self.dtype, name="attn")
-    y = attn(layer_norm("ln_1")(x), key_mask, return_weights=return_weights)
+    y = attn(layer_norm("ln_1")(x), key_mask, return_weights=return_weights, attn_bias=attn_bias)
     if return_weights:
       y, weights = y
     x = x + y.astype(x.dtype)
@@ -192,16 +204,20 @@ class Transformer(nn.Module):
     ]
 
   def __call__(
-    self, x: jax.Array, key_mask: jax.Array | None = None, return_weights: bool = False
+    self,
+    x: jax.Array,
+    key_mask: jax.Array | None = None,
+    return_weights: bool = False,
+    attn_bias: jax.Array | None = None,
   ) -> jax.Array | tuple[jax.Array, list[jax.Array]]:
     """Runs the blocks; with `return_weights`, also the (B, L, L) weights of every layer."""
     all_weights = []
     for block in self.transformer:
       if return_weights:
-        x, w = block(x, key_mask, return_weights=True)
+        x, w = block(x, key_mask, return_weights=True, attn_bias=attn_bias)
         all_weights.append(w)
       else:
-        x = block(x, key_mask)
+        x = block(x, key_mask, attn_bias=attn_bias)
     if return_weights:
       return x, all_weights
     return x

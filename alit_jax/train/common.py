@@ -110,10 +110,8 @@ def build_model_config(model_cfg: ml_collections.ConfigDict) -> model_configs.Mo
   name = model_cfg.name
   kw = dict(quantize_latent=model_cfg.quantize_latent, factorize_latent=model_cfg.factorize_latent)
   size = {k: model_cfg.get(k) for k in ("image_size", "patch_size") if model_cfg.get(k) is not None}
-  # Not the reference's: a noisy channel after continuous latents (ALITConfig.latent_noise_std).
-  extra = (
-    {"latent_noise_std": model_cfg.latent_noise_std} if model_cfg.get("latent_noise_std") else {}
-  )
+  # Not the reference's (0 = off): ALITConfig.latent_noise_std and latent_locality.
+  extra = {k: model_cfg[k] for k in ("latent_noise_std", "latent_locality") if model_cfg.get(k)}
   if name == "test":
     test = dict(model_cfg.get("test", {}))
     test.update(size)
