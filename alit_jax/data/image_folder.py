@@ -1,21 +1,34 @@
 """Random-access sources over a plain folder of image files or over in-memory arrays.
 
-These let `alit_jax.evaluate` and the experiments read images without building an array_record
-dataset first (`python -m alit_jax.data.build_folder` does that for training). Records have the
-shape the grain pipeline expects (`sources.py`): {"image": encoded bytes or (H, W, 3) uint8,
-"label": int, "file_name": str}; decoding happens in `transforms.DecodeImage`, so an unreadable
-file becomes one masked example with a warning naming it, not a crash.
+These let `alit_jax.evaluate`, `alit_jax.tokenize_dataset` and the experiments read images
+without building an array_record dataset first (`python -m alit_jax.data.build_folder` does that
+for training). Records have the shape the grain pipeline expects (`sources.py`): {"image":
+encoded bytes or (H, W, 3) uint8, "label": int, "file_name": str}; decoding happens later
+(`transforms.DecodeImage`, or `tokenize_dataset`'s preprocessing), so an unreadable file becomes
+one bad example naming it, not a crash.
+
+  ImageFolderSource  class folders labelled like torchvision's ImageFolder (evaluation)
+  ImageFileSource    every image below a folder, unlabelled (`python -m alit_jax.tokenize_dataset`)
+
+Both list their files with `files.walk_files`.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import pathlib
 from typing import Any
 
 import numpy as np
 
+from alit_jax.data.files import subdirs, walk_files
 from alit_jax.images import IMAGE_EXTENSIONS
+
+
+def is_image_file(path: str | os.PathLike) -> bool:
+  """The file name has one of `images.IMAGE_EXTENSIONS` (any case)."""
+  return os.fspath(path).lower().endswith(IMAGE_EXTENSIONS)
 
 
 class ImageFolderSource:
@@ -37,16 +50,14 @@ class ImageFolderSource:
     self.root = pathlib.Path(root).expanduser()
     if not self.root.is_dir():
       raise FileNotFoundError(f"{self.root}: no such folder of images")
-    classes = sorted(p for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    classes = subdirs(self.root)
     groups = [(c.name, c) for c in classes] if classes else [(self.root.name, self.root)]
     paths, labels = [], []
     for label, (_, folder) in enumerate(groups):
-      for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for f in sorted(filenames):
-          if not f.startswith(".") and f.lower().endswith(IMAGE_EXTENSIONS):
-            paths.append(pathlib.Path(dirpath) / f)
-            labels.append(label)
+      for f in walk_files(folder):
+        if is_image_file(f.name):
+          paths.append(f)
+          labels.append(label)
     if not paths:
       raise ValueError(
         f"{self.root}: no image files found (extensions {', '.join(IMAGE_EXTENSIONS)})"
@@ -78,6 +89,54 @@ class ImageFolderSource:
 
   def __repr__(self) -> str:
     return f"ImageFolderSource({str(self.root)!r}, n={len(self)}, classes={self.num_classes})"
+
+
+class ImageFileSource:
+  """A folder of image files as a random-access source (read on demand, never decoded here).
+
+  Every image file below the folder (recursively), unlabelled: the input of
+  `python -m alit_jax.tokenize_dataset PATH`, whose job identity hashes this file list
+  (`fingerprint`). The list is `images.list_images`'s: hidden files included, links to folders
+  not followed, and each folder's files in the order of the folder's full path (not depth
+  first), so a job started before this class moved here resumes with the same fingerprint.
+
+  Records: {"image": encoded bytes, "label": -1, "file_name": path relative to the folder}, or
+  {"image": None, "error": reason, ...} when the file cannot be read. Picklable.
+
+  Attributes:
+    root: the folder (absolute, symbolic links resolved).
+    files: the image paths relative to root ('/'-separated), in index order.
+  """
+
+  def __init__(self, root: str | os.PathLike):
+    self.root = pathlib.Path(root).expanduser().resolve()
+    if not self.root.is_dir():
+      raise FileNotFoundError(f"{self.root}: image folder does not exist or is not a directory")
+    found = [
+      f for f in walk_files(self.root, hidden=True, follow_links=False) if is_image_file(f.name)
+    ]
+    found.sort(key=lambda f: (str(f.parent), f.name))  # list_images' order: by folder path
+    self.files = [f.relative_to(self.root).as_posix() for f in found]
+    if not self.files:
+      raise ValueError(f"{self.root}: no image files found (extensions {IMAGE_EXTENSIONS})")
+
+  def __len__(self) -> int:
+    return len(self.files)
+
+  def __getitem__(self, index: int) -> dict:
+    rel = self.files[int(index)]
+    try:
+      data = (self.root / rel).read_bytes()
+    except OSError as e:
+      return {"image": None, "label": -1, "file_name": rel, "error": f"{type(e).__name__}: {e}"}
+    return {"image": data, "label": -1, "file_name": rel}
+
+  def fingerprint(self) -> str:
+    """Hash of the sorted relative file list (indices are positions in it)."""
+    return hashlib.sha256("\n".join(self.files).encode()).hexdigest()
+
+  def __repr__(self) -> str:
+    return f"ImageFileSource({str(self.root)!r}, n={len(self)})"
 
 
 class ArraySource:
