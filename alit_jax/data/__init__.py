@@ -7,6 +7,9 @@
   synthetic                                  procedural images of graded complexity
   build_folder                               `python -m alit_jax.data.build_folder SRC --out DIR`
   token_dataset(OUT)                         token shards of `python -m alit_jax.tokenize_dataset`
+  base_cache                                 `python -m alit_jax.data.base_cache` (stage-1 cache)
+  image_folder                               plain image folders / arrays as sources
+  shards, files                              the sharded-output machinery, atomic writes, walks
 
 Apart from `token_dataset` (numpy + msgpack), this package imports nothing itself: import the
 submodule you need (e.g. `from alit_jax.data import pipeline`). transforms/pipeline import grain;
