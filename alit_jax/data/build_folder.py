@@ -36,6 +36,7 @@ import sys
 import numpy as np
 from PIL import Image
 
+from alit_jax.data.files import subdirs, walk_files
 from alit_jax.images import to_rgb
 
 DATASET_VERSION = "1.0.0"
@@ -60,26 +61,10 @@ class _Check:
   reason: str = ""
 
 
-def _is_hidden(path: pathlib.Path, root: pathlib.Path) -> bool:
-  return any(p.startswith(".") for p in path.relative_to(root).parts)
-
-
-def _walk_files(root: pathlib.Path) -> list[pathlib.Path]:
-  files = []
-  for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-    dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-    files.extend(pathlib.Path(dirpath) / f for f in sorted(filenames) if not f.startswith("."))
-  return files
-
-
-def _subdirs(root: pathlib.Path) -> list[pathlib.Path]:
-  return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-
-
 def _scan_split(root: pathlib.Path, single_class_name: str):
   """Returns (items, skipped, class_names) for one split folder."""
   items, skipped = [], []
-  classes = _subdirs(root)
+  classes = subdirs(root)
   if classes:
     for f in sorted(p for p in root.iterdir() if p.is_file() and not p.name.startswith(".")):
       skipped.append(
@@ -89,7 +74,7 @@ def _scan_split(root: pathlib.Path, single_class_name: str):
   else:
     groups = [(single_class_name, root)]
   for class_name, folder in groups:
-    for f in _walk_files(folder):
+    for f in walk_files(folder):
       rel = f.relative_to(root).as_posix()
       if f.suffix.lower() not in IMAGE_EXTENSIONS:
         skipped.append(
@@ -226,7 +211,7 @@ def build_folder_dataset(
     shutil.rmtree(dataset_dir)
 
   # Split folders (ImageNet layout) or a single train split.
-  top = _subdirs(src)
+  top = subdirs(src)
   split_roots = {}
   if top and all(d.name.lower() in _SPLIT_DIRS for d in top):
     for d in top:

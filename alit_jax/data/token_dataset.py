@@ -60,7 +60,7 @@ def decode_record(raw: bytes, token_dtype: str, latent_dim: int | None = None) -
 
 def _shard_files(out: pathlib.Path, job: dict) -> list[pathlib.Path]:
   """Committed shards (data file + JSON) of a possibly unfinished job, in shard order."""
-  from alit_jax.tokenize_dataset import shard_done, shard_name
+  from alit_jax.data.shards import shard_done, shard_name
 
   s_total = job["num_shards"]
   return [

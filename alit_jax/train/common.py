@@ -1,7 +1,7 @@
 """What the training stages share: processes, shardings, the model and base config, workdir files.
 
 `trainer.py` (the loop and stage 1) and `gan_stage.py` (stage 2 and base-VQGAN training) both
-build on this module instead of on each other; `data/base_cache.py` resolves the stage-1 base
+build on this module instead of on each other; the `data/base_cache` package resolves the stage-1 base
 tokenizer through it, as the trainer does.
 """
 
