@@ -66,6 +66,32 @@ def _grid(
   return np.asarray(canvas)
 
 
+def _write_summary(
+  out: pathlib.Path, rows: list[dict], skipped, crit_name: str, counts, log
+) -> None:
+  """summary.csv (tokenized rows, then the skipped files with their error) and the printed table."""
+  if rows or skipped:
+    fields = (list(rows[0]) if rows else ["file", "name", "tokens"]) + ["error"]
+    with open(out / "summary.csv", "w", newline="") as fh:
+      w = csv.DictWriter(fh, fieldnames=fields, restval="")
+      w.writeheader()
+      w.writerows(rows)
+      w.writerows({"file": f, "name": pathlib.Path(f).stem, "error": e} for f, e in skipped)
+  if rows:
+    width = max(len(r["name"]) for r in rows)
+    log(
+      f"{'image':<{width}}  tokens  {crit_name:>8}  met  {crit_name + '@' + str(counts[0]):>10}  {crit_name + '@' + str(counts[-1]):>10}"
+    )
+    for r in rows:
+      log(
+        f"{r['name']:<{width}}  {r['tokens']:>6}  {r[crit_name]:>8.4f}  {'yes' if r['met'] else 'no ':>3}  "
+        f"{r[f'{crit_name}@{counts[0]}']:>10.4f}  {r[f'{crit_name}@{counts[-1]}']:>10.4f}"
+      )
+    log(
+      f"mean tokens per image: {np.mean([r['tokens'] for r in rows]):.1f} over {len(rows)} images"
+    )
+
+
 def tokenize_paths(
   paths: list[str],
   *,
@@ -161,26 +187,7 @@ def tokenize_paths(
         }
       )
   bar.close()
-  if rows or skipped:
-    fields = (list(rows[0]) if rows else ["file", "name", "tokens"]) + ["error"]
-    with open(out / "summary.csv", "w", newline="") as fh:
-      w = csv.DictWriter(fh, fieldnames=fields, restval="")
-      w.writeheader()
-      w.writerows(rows)
-      w.writerows({"file": f, "name": pathlib.Path(f).stem, "error": e} for f, e in skipped)
-  if rows:
-    width = max(len(r["name"]) for r in rows)
-    log(
-      f"{'image':<{width}}  tokens  {crit.name:>8}  met  {crit.name + '@' + str(counts[0]):>10}  {crit.name + '@' + str(counts[-1]):>10}"
-    )
-    for r in rows:
-      log(
-        f"{r['name']:<{width}}  {r['tokens']:>6}  {r[crit.name]:>8.4f}  {'yes' if r['met'] else 'no ':>3}  "
-        f"{r[f'{crit.name}@{counts[0]}']:>10.4f}  {r[f'{crit.name}@{counts[-1]}']:>10.4f}"
-      )
-    log(
-      f"mean tokens per image: {np.mean([r['tokens'] for r in rows]):.1f} over {len(rows)} images"
-    )
+  _write_summary(out, rows, skipped, crit.name, counts, log)
   if grid is not None and strips:
     pathlib.Path(grid).parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(np.concatenate(strips, axis=0)).save(grid)

@@ -146,3 +146,43 @@ def steps_from_config(
   if value < 0:
     raise ValueError(f"{prefix} duration must be >= 0, got {value}")
   return value
+
+
+@dataclasses.dataclass(frozen=True)
+class Durations:
+  """Every duration of a run in steps (`durations`); 0 / None where a config leaves one unset."""
+
+  steps_per_epoch: int
+  total: int
+  warmup: int
+  log_every: int
+  checkpoint_every: int
+  keep_every: int | None
+  summary_every: int
+  lr: float
+
+
+def durations(config, num_examples: int, global_batch_size: int) -> Durations:
+  """The run's durations in steps, from `config`'s `<name>_steps` / `<name>_epochs` fields.
+
+  Raises:
+    ValueError: fewer examples than one batch, or neither total_steps nor total_epochs set.
+  """
+  spe = num_examples // global_batch_size
+  if spe < 1:
+    raise ValueError(
+      f"the training data has {num_examples} examples, fewer than one batch of {global_batch_size}"
+    )
+  total = steps_from_config("total", config, spe)
+  if total is None:
+    raise ValueError("set config.total_steps or config.total_epochs")
+  return Durations(
+    steps_per_epoch=spe,
+    total=total,
+    warmup=steps_from_config("warmup", config, spe, default=0),
+    log_every=steps_from_config("log_every", config, spe, default=50),
+    checkpoint_every=steps_from_config("checkpoint_every", config, spe, default=total),
+    keep_every=steps_from_config("keep_every", config, spe),
+    summary_every=steps_from_config("image_summary_every", config, spe, default=0),
+    lr=peak_lr(config, global_batch_size),
+  )

@@ -413,8 +413,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     jax.device_count(),
     jax.local_device_count(),
   )
-
-  # ---- model (and frozen parts) ----
   stage = _make_stage(config, workdir)
   stage.prepare()
   if common.is_main():
@@ -422,65 +420,28 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
       workdir / checkpoints.TRAIN_CONFIG, json.loads(config.to_json_best_effort())
     )
 
-  # ---- data and durations ----
-  inp = config.input
   cache = getattr(stage, "base_cache", None)  # stage 1 on cached base outputs
-  if cache is not None:
-    source = cache
-  else:
-    source = sources.get_source(inp.data, inp.split, inp.data_dir or None)
+  inp = config.input
+  source = (
+    cache if cache is not None else sources.get_source(inp.data, inp.split, inp.data_dir or None)
+  )
   gbs = int(inp.global_batch_size)
-  spe = len(source) // gbs
-  if spe < 1:
-    raise ValueError(f"the training data has {len(source)} examples, fewer than one batch of {gbs}")
-  total_steps = optim.steps_from_config("total", config, spe)
-  if total_steps is None:
-    raise ValueError("set config.total_steps or config.total_epochs")
-  warmup_steps = optim.steps_from_config("warmup", config, spe, default=0)
-  log_every = optim.steps_from_config("log_every", config, spe, default=50)
-  ckpt_every = optim.steps_from_config("checkpoint_every", config, spe, default=total_steps)
-  keep_every = optim.steps_from_config("keep_every", config, spe)
-  summary_every = optim.steps_from_config("image_summary_every", config, spe, default=0)
-  lr = optim.peak_lr(config, gbs)
+  d = optim.durations(config, len(source), gbs)
   logging.info(
     "%d examples, %d steps/epoch; %d steps (%.2f epochs), warm-up %d; peak lr %.3g",
     len(source),
-    spe,
-    total_steps,
-    total_steps / spe,
-    warmup_steps,
-    lr,
+    d.steps_per_epoch,
+    d.total,
+    d.total / d.steps_per_epoch,
+    d.warmup,
+    d.lr,
   )
   root = jax.random.key(config.seed)
   data_seed = int(jax.random.randint(steps.stream_key(root, "data"), (), 0, 2**31 - 1))
-
-  # ---- mesh, shardings, jitted steps ----
   mesh = sharding.make_mesh(dict(config.mesh))
   if gbs % mesh.size:
     raise ValueError(f"global batch {gbs} is not divisible by the {mesh.size} devices of the mesh")
-  repl = sharding.replicated(mesh)
-  hp_host = dict(
-    lr=lr,
-    min_lr=float(config.min_lr),
-    warmup_steps=warmup_steps,
-    total_steps=total_steps,
-    ema_decay=float(config.ema.decay),
-    steps_per_epoch=spe,
-  )
-  stage.build(
-    common.Context(
-      mesh=mesh,
-      rules=tuple((rx, rule) for rx, rule in config.sharding.rules),
-      min_fsdp_size=int(config.sharding.min_fsdp_size),
-      hp=sharding.put_global(steps.hparams(**hp_host), jax.tree.map(lambda _: repl, hp_host)),
-      seed=sharding.put_global(np.uint32(config.seed), repl),
-      root=root,
-      steps_per_epoch=spe,
-      total_steps=total_steps,
-      global_batch=gbs,
-      num_summary=min(int(config.num_summary_images), gbs),
-    )
-  )
+  stage.build(_context(config, mesh, d, root, gbs))
 
   writer = writers.create_writer(workdir, enabled=common.is_main())
   _log_source_report(source, writer)
@@ -488,11 +449,61 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     logging.info(
       "training from %s (%d bad images skipped when it was built)", cache, cache.manifest["num_bad"]
     )
+  iterator = _train_iterator(config, source, cache, stage.image_size, data_seed)
+  ckpt = checkpoints.TrainCheckpointer(
+    workdir,
+    max_to_keep=config.keep_checkpoints,
+    keep_period=d.keep_every,
+    async_save=bool(config.async_checkpoints),
+  )
+  precision = (
+    contextlib.nullcontext()
+    if config.matmul_precision == "default"
+    else jax.default_matmul_precision(config.matmul_precision)
+  )
+  try:
+    with precision:
+      return _run_loop(config, workdir, stage, d, mesh, writer, iterator, ckpt, cache is not None)
+  finally:
+    ckpt.close()  # waits for an in-flight save
+    writer.close()
+    if hasattr(iterator, "close"):
+      iterator.close()
+
+
+def _context(config, mesh, d: optim.Durations, root: jax.Array, gbs: int) -> common.Context:
+  """What a stage's `build` needs: mesh, sharding rules, replicated hparams and seed."""
+  repl = sharding.replicated(mesh)
+  hp_host = dict(
+    lr=d.lr,
+    min_lr=float(config.min_lr),
+    warmup_steps=d.warmup,
+    total_steps=d.total,
+    ema_decay=float(config.ema.decay),
+    steps_per_epoch=d.steps_per_epoch,
+  )
+  return common.Context(
+    mesh=mesh,
+    rules=tuple((rx, rule) for rx, rule in config.sharding.rules),
+    min_fsdp_size=int(config.sharding.min_fsdp_size),
+    hp=sharding.put_global(steps.hparams(**hp_host), jax.tree.map(lambda _: repl, hp_host)),
+    seed=sharding.put_global(np.uint32(config.seed), repl),
+    root=root,
+    steps_per_epoch=d.steps_per_epoch,
+    total_steps=d.total,
+    global_batch=gbs,
+    num_summary=min(int(config.num_summary_images), gbs),
+  )
+
+
+def _train_iterator(config, source, cache, image_size: int, data_seed: int):
+  """The grain iterator of images (or of cached base outputs), resumable with the checkpoint."""
+  inp = config.input
   make_iterator = pipeline.make_train_iterator if cache is None else base_cache.make_train_iterator
-  iterator = make_iterator(
+  return make_iterator(
     source,
-    global_batch_size=gbs,
-    image_size=stage.image_size,
+    global_batch_size=int(inp.global_batch_size),
+    image_size=image_size,
     seed=data_seed,
     worker_count=inp.worker_count,
     num_threads=inp.num_threads,
@@ -503,94 +514,88 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     flip_prob=inp.flip_prob,
     interpolation=inp.interpolation,
   )
-  ckpt = checkpoints.TrainCheckpointer(
-    workdir,
-    max_to_keep=config.keep_checkpoints,
-    keep_period=keep_every,
-    async_save=bool(config.async_checkpoints),
-  )
-  precision = (
-    contextlib.nullcontext()
-    if config.matmul_precision == "default"
-    else jax.default_matmul_precision(config.matmul_precision)
-  )
-  state = None
-  step = 0
-  try:
-    with precision:
-      # ---- initial state: resume, init_from, or fresh ----
-      start, state = ckpt.restore_latest(stage.abstract_state, iterator, log=logging.warning)
-      if start is not None:
-        logging.info("resumed from %s at step %d", ckpt.directory, start)
-      else:
-        start = 0
-        state = stage.init_state()
-      logging.info("%s; mesh %s", stage.describe(), dict(mesh.shape))
-      # Rows past the restored step are recomputed below: drop them first (exactly once each).
-      has_hparams = common.is_main() and writers.rewind_jsonl(workdir / writers.METRICS_FILE, start)
-      if common.is_main() and not has_hparams:
-        writer.write_hparams(
-          dict(_flat_config(config), steps_per_epoch=spe, total_steps=total_steps)
-        )
-      report = None
-      if common.is_main():
-        report = writers.periodic_actions.ReportProgress(
-          num_train_steps=total_steps, writer=writer, every_steps=log_every, every_secs=None
-        )
-      window = MetricsWindow(stage.omit_unvisited, stage.num_iters)
-      pending: list[tuple[int, list[dict]]] = []
-      last_saved = start if start > 0 else None
-      logged: dict[str, float] = {}
 
-      def consume() -> None:
-        """Fetches pending step metrics; stops on a non-finite loss; logs every log_every."""
-        nonlocal logged
-        while pending:
-          s, ms = pending.pop(0)
-          ms = [{k: sharding.host_value(v) for k, v in m.items()} for m in ms]
-          for m in ms:
-            if not bool(m["finite"]):
-              raise NonFiniteLossError(non_finite_message(s, m, last_saved, ckpt.directory))
-          window.add_step(ms)
-          if s == start + 1:
-            window.start_timing(time.perf_counter())  # the first step includes compilation
-          if s % log_every == 0 or s == total_steps:
-            now = time.perf_counter()
-            logged = window.summary(now, gbs)
-            logged["epoch"] = s / spe
-            writer.write_scalars(s, {f"train/{k}": v for k, v in logged.items()})
-            window.reset(now)
 
-      t_start = time.perf_counter()
-      step = start
-      while step < total_steps:
-        batch = next(iterator)
-        images = sharding.global_batch(batch["image"], mesh)
-        if cache is None:
-          state, metrics = stage.train_step(state, images, step)
-        else:  # the base outputs come with the batch
-          state, metrics = stage.train_step_cached(state, images, batch, step)
-        step += 1
-        consume()  # the previous step's metrics: by now they are (nearly) ready
-        pending.append((step, metrics))
-        if step == start + 1:
-          logging.info("first step dispatched after %.1fs", time.perf_counter() - t_start)
-        if report is not None:
-          report(step)
-        if summary_every and (step % summary_every == 0 or step == start + 1):
-          stage.write_summary(writer, state, images, step)
-        if step % ckpt_every == 0 or step == total_steps:
-          consume()  # never save a state whose loss was not checked
-          ckpt.save(step, state, iterator)
-          last_saved = step
-          writer.flush()  # the metrics up to this checkpoint survive a crash
-      consume()
-  finally:
-    ckpt.close()  # waits for an in-flight save
-    writer.close()
-    if hasattr(iterator, "close"):
-      iterator.close()
-  return {"state": state, "step": step, "metrics": logged}
+class _Consumer:
+  """Fetches step metrics one step late; stops on a non-finite loss; logs every log_every."""
+
+  def __init__(self, stage, d: optim.Durations, start: int, writer, ckpt_dir, gbs: int):
+    self.window = MetricsWindow(stage.omit_unvisited, stage.num_iters)
+    self.pending: list[tuple[int, list[dict]]] = []
+    self.last_saved = start if start > 0 else None
+    self.logged: dict[str, float] = {}
+    self.d, self.start, self.writer, self.ckpt_dir, self.gbs = d, start, writer, ckpt_dir, gbs
+
+  def __call__(self) -> None:
+    while self.pending:
+      s, ms = self.pending.pop(0)
+      ms = [{k: sharding.host_value(v) for k, v in m.items()} for m in ms]
+      for m in ms:
+        if not bool(m["finite"]):
+          raise NonFiniteLossError(non_finite_message(s, m, self.last_saved, self.ckpt_dir))
+      self.window.add_step(ms)
+      if s == self.start + 1:
+        self.window.start_timing(time.perf_counter())  # the first step includes compilation
+      if s % self.d.log_every == 0 or s == self.d.total:
+        now = time.perf_counter()
+        self.logged = self.window.summary(now, self.gbs)
+        self.logged["epoch"] = s / self.d.steps_per_epoch
+        self.writer.write_scalars(s, {f"train/{k}": v for k, v in self.logged.items()})
+        self.window.reset(now)
+
+
+def _initial_state(config, workdir, stage, d: optim.Durations, mesh, writer, iterator, ckpt):
+  """Resumes from the newest checkpoint, or starts (init_from or fresh); rewinds metrics.jsonl."""
+  start, state = ckpt.restore_latest(stage.abstract_state, iterator, log=logging.warning)
+  if start is not None:
+    logging.info("resumed from %s at step %d", ckpt.directory, start)
+  else:
+    start = 0
+    state = stage.init_state()
+  logging.info("%s; mesh %s", stage.describe(), dict(mesh.shape))
+  # Rows past the restored step are recomputed: drop them first (exactly once each).
+  has_hparams = common.is_main() and writers.rewind_jsonl(workdir / writers.METRICS_FILE, start)
+  if common.is_main() and not has_hparams:
+    writer.write_hparams(
+      dict(_flat_config(config), steps_per_epoch=d.steps_per_epoch, total_steps=d.total)
+    )
+  return start, state
+
+
+def _run_loop(config, workdir, stage, d: optim.Durations, mesh, writer, iterator, ckpt, cached):
+  """Steps from the initial state to `d.total`: summaries, checkpoints, metrics one step late."""
+  start, state = _initial_state(config, workdir, stage, d, mesh, writer, iterator, ckpt)
+  report = None
+  if common.is_main():
+    report = writers.periodic_actions.ReportProgress(
+      num_train_steps=d.total, writer=writer, every_steps=d.log_every, every_secs=None
+    )
+  consume = _Consumer(stage, d, start, writer, ckpt.directory, int(config.input.global_batch_size))
+  t_start = time.perf_counter()
+  step = start
+  while step < d.total:
+    batch = next(iterator)
+    images = sharding.global_batch(batch["image"], mesh)
+    if not cached:
+      state, metrics = stage.train_step(state, images, step)
+    else:  # the base outputs come with the batch
+      state, metrics = stage.train_step_cached(state, images, batch, step)
+    step += 1
+    consume()  # the previous step's metrics: by now they are (nearly) ready
+    consume.pending.append((step, metrics))
+    if step == start + 1:
+      logging.info("first step dispatched after %.1fs", time.perf_counter() - t_start)
+    if report is not None:
+      report(step)
+    if d.summary_every and (step % d.summary_every == 0 or step == start + 1):
+      stage.write_summary(writer, state, images, step)
+    if step % d.checkpoint_every == 0 or step == d.total:
+      consume()  # never save a state whose loss was not checked
+      ckpt.save(step, state, iterator)
+      consume.last_saved = step
+      writer.flush()  # the metrics up to this checkpoint survive a crash
+  consume()
+  return {"state": state, "step": step, "metrics": consume.logged}
 
 
 def stage1_spec(
